@@ -188,7 +188,7 @@ def _as_tensor(data, name: str) -> torch.Tensor:
         if data.dtype == object:
             raise TypeError(f"{name} must be numeric, got a numpy array of dtype object")
         x = torch.as_tensor(np.array(data))
-    elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+    elif hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (str, bytes, dict)):
         items = []
         for i in range(len(data)):
             item = data[i]
