@@ -98,8 +98,8 @@ def ppc_pvalues(x: torch.Tensor, x_rep: torch.Tensor, statistic: Callable[[torch
         does not reproduce. Ties count one half.
 
     >>> x = torch.zeros(2, 3); rep = torch.stack([torch.ones(2, 3), -torch.ones(2, 3)])
-    >>> ppc_pvalues(x, rep, lambda t: t.sum(-1))
-    tensor([0.5000, 0.5000])
+    >>> ppc_pvalues(x, rep, lambda t: t.sum(-1)).tolist()
+    [0.5, 0.5]
     """
     if x_rep.shape[1:] != x.shape:
         raise ValueError(f"x_rep must have shape (S, *{tuple(x.shape)}), got {tuple(x_rep.shape)}")

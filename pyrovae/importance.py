@@ -23,9 +23,9 @@ effective sample size and Pareto k-hat.
 **Global latents.** A latent site outside the data plate is shared by all
 datapoints, so p(x) does not factorise over them and there is no per-datapoint
 log p(x_i). :func:`log_marginal` refuses such models with a ``ValueError``
-naming the sites. Make the global a ``pyro.param`` (a point estimate) or
-condition on a value with ``poutine.condition`` in the model and
-``poutine.block`` in the guide to get log p(x_i | global).
+naming the sites. Make the global a ``pyro.param`` (a point estimate), or fix
+it and hide it, ``poutine.block(poutine.condition(model, {"mu": v}), hide=["mu"])``
+with a guide that does not sample it, to get log p(x_i | mu = v).
 
 References:
 
@@ -76,8 +76,11 @@ class LogMarginalSummary:
     bounds: Dict[int, float]
 
     def to_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d["bounds"] = {str(k): v for k, v in self.bounds.items()}
+        """JSON-able dict; a non-finite figure (k-hat is inf when K is too small
+        for a tail fit) becomes None."""
+        clean = lambda v: v if math.isfinite(v) else None
+        d = {k: clean(v) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+        d["bounds"] = {str(k): clean(v) for k, v in self.bounds.items()}
         return d
 
     def __str__(self) -> str:
@@ -261,7 +264,8 @@ def _inspect(model, guide, args, kwargs, plate: str):
         raise ValueError(
             f"latent sites {global_latents} lie outside plate {plate!r} (global latents): log p(x) does not "
             "factorise over datapoints, so per-datapoint estimates are undefined; make them pyro.param "
-            "point estimates or condition on them (see the pyrovae.importance docs)"
+            "point estimates, or fix them with poutine.condition and hide them with poutine.block "
+            "(see the pyrovae.importance docs)"
         )
     missing = [n for n, _ in _sample_sites(model_trace, observed=False) if n not in guide_trace.nodes]
     if missing:
