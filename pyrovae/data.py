@@ -205,8 +205,12 @@ def from_arrays(
     x = np.asarray(x)
     if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
         raise TypeError(f"x must be a numeric array, got dtype {x.dtype}")
-    x = x.astype(np.float32)
+    x = x.astype(np.float64)
     _check_images("x", x)
+    limit = float(np.finfo(np.float32).max)
+    if x.size and np.abs(x).max() > limit:
+        raise ValueError(f"x has values beyond the float32 range (|x| up to {np.abs(x).max():.3g})")
+    x = x.astype(np.float32)
     if labels is not None:
         labels = np.asarray(labels)
         if labels.shape != (len(x),):
@@ -290,14 +294,23 @@ def read_amat(path) -> np.ndarray:
             x = rows[:, 0::2] - ord("0")
             if (x <= 1).all():
                 return x.reshape(-1, 28, 28)
+    # Slow path: any whitespace layout, but strictly 784 values of 0 or 1 per line.
     try:
-        x = np.loadtxt(raw.decode("ascii").splitlines(), dtype=np.float64, ndmin=2)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"amat file {path} is malformed: {e}") from None
-    if x.shape[0] == 0 or x.shape[1] != 784:
-        raise ValueError(f"amat file {path} must have 784 values per line, got shape {x.shape}")
-    if not np.isin(x, (0.0, 1.0)).all():
-        raise ValueError(f"amat file {path} holds values other than 0 and 1")
+        lines = [line for line in raw.decode("ascii").split("\n") if line.strip()]
+    except UnicodeDecodeError:
+        raise ValueError(f"amat file {path} is not ASCII text") from None
+    if not lines:
+        raise ValueError(f"amat file {path} is empty")
+    rows = []
+    for i, line in enumerate(lines):
+        tokens = line.split()
+        if len(tokens) != 784:
+            raise ValueError(f"amat file {path} must have 784 values per line; line {i + 1} has {len(tokens)}")
+        if not set(tokens) <= {"0", "1"}:
+            bad = next(t for t in tokens if t not in ("0", "1"))
+            raise ValueError(f"amat file {path} holds values other than 0 and 1 (line {i + 1}: {bad[:20]!r})")
+        rows.append(np.array(tokens, dtype=np.uint8))
+    x = np.stack(rows)
     return x.astype(np.uint8).reshape(-1, 28, 28)
 
 

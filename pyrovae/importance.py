@@ -203,11 +203,19 @@ def _check_int(name, value, minimum):
     return value
 
 
-def _check_finite_args(args, kwargs):
+def _check_args(model, args, kwargs):
+    """Finite, non-empty tensors; and the model's own data check where it has one (e.g. VAE)."""
     named = [(f"args[{i}]", a) for i, a in enumerate(args)] + [(k, v) for k, v in kwargs.items()]
     for name, value in named:
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if value.dim() > 0 and value.shape[0] == 0:
+            raise ValueError(f"{name} is empty: shape {tuple(value.shape)}")
+        if value.is_floating_point() and not torch.isfinite(value).all():
             raise ValueError(f"{name} contains NaN or infinite values")
+    check = getattr(getattr(model, "__self__", None), "check_data", None)
+    if check is not None and args and isinstance(args[0], torch.Tensor):
+        check(args[0], "x")
 
 
 def _sample_sites(trace, observed: bool):
@@ -347,7 +355,7 @@ def log_marginal(
         raise TypeError("model and guide must be callables")
     if not isinstance(khat, bool) or not isinstance(return_log_weights, bool):
         raise TypeError("khat and return_log_weights must be bools")
-    _check_finite_args(args, kwargs)
+    _check_args(model, args, kwargs)
     K = num_particles
     ks = [k for k in (1, 5, 50) if k <= K] if bounds is None else list(bounds)
 

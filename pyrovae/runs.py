@@ -4,7 +4,7 @@ A run folder holds::
 
     manifest.json            format version, latest and best checkpoint, their SHA-256
     config.json              model, data and training configuration (JSON)
-    checkpoint-000012.pt     tensors and plain values only (loaded with weights_only=True)
+    checkpoint-000012.pt     tensors (numbered by write, not by epoch) and plain values only (loaded with weights_only=True)
     metrics.csv              one row per epoch
     report.json              summary written at the end of a run
     *.png                    pictures
@@ -39,7 +39,7 @@ __all__ = ["CheckpointError", "Run", "load_run", "load_checkpoint", "read_manife
 
 #: version of the run-folder and checkpoint format written by this pyrovae
 FORMAT_VERSION = 1
-_CHECKPOINT_NAME = re.compile(r"^checkpoint-\d{6,}(-\d{6,})?\.pt$")
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-\d{6,}\.pt$")
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 
@@ -140,24 +140,29 @@ def save_checkpoint(run_dir, state: dict, *, epoch: int, step: int = 0, is_best:
     """Write ``state`` as a new checkpoint, then commit it in the manifest.
 
     :param dict state: tensors and plain Python values only.
-    :param int epoch: completed epochs (names the file together with ``step``).
+    :param int epoch: completed epochs, recorded in the manifest with ``step``.
     :returns: the checkpoint's path.
     """
     run_dir = Path(run_dir)
     buf = io.BytesIO()
     torch.save({"format": "pyrovae-checkpoint", "version": FORMAT_VERSION, **state}, buf)
     data = buf.getvalue()
-    name = f"checkpoint-{epoch:06d}.pt" if step == 0 else f"checkpoint-{epoch:06d}-{step:06d}.pt"
-    _atomic_write(run_dir / name, data)
-    entry = {"file": name, "sha256": _sha256(data), "epoch": epoch, "step": step}
     old = None
     if (run_dir / MANIFEST).exists():
         try:
             old = read_manifest(run_dir)
         except CheckpointError:
             old = None
+    # A fresh sequence number per write: a new checkpoint never overwrites a file
+    # that the current manifest names, even when a restarted run repeats an epoch.
+    seq = int((old or {}).get("seq", 0)) + 1
+    while (run_dir / f"checkpoint-{seq:06d}.pt").exists():
+        seq += 1
+    name = f"checkpoint-{seq:06d}.pt"
+    _atomic_write(run_dir / name, data)
+    entry = {"file": name, "sha256": _sha256(data), "epoch": epoch, "step": step}
     best = entry if is_best else (old or {}).get("best")
-    manifest = {"format": "pyrovae-run", "version": FORMAT_VERSION, "latest": entry, "best": best}
+    manifest = {"format": "pyrovae-run", "version": FORMAT_VERSION, "seq": seq, "latest": entry, "best": best}
     config = run_dir / CONFIG
     if config.exists():
         manifest["config_sha256"] = _sha256(config.read_bytes())

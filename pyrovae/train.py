@@ -495,7 +495,8 @@ def fit(
     partial = (0.0, 0)  # (loss sum, datapoints) of an interrupted epoch
     best = {"val_elbo": None, "epoch": 0, "bad_epochs": 0}
 
-    if resume is not None:
+    # A run killed before its first checkpoint has nothing to resume: start it over, same folder.
+    if resume is not None and (resume / runs.MANIFEST).exists():
         state = runs.load_checkpoint(resume)
         restore_params(params, state["params"], source=f"checkpoint in {resume}")
         opt.load_state_dict(state["optimizer"])

@@ -23,6 +23,9 @@ from .nn import NETWORKS, _check_shape, _check_positive_int
 
 __all__ = ["VAE", "VAEConfig"]
 
+# Refuse networks that could not be allocated on any ordinary machine.
+_MAX_PARAMETERS = 2**31
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -70,6 +73,22 @@ class VAEConfig:
             raise ValueError(f"beta must be a positive finite float, got {self.beta!r}")
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty str, got {self.name!r}")
+        size = self.approx_num_parameters()
+        if size > _MAX_PARAMETERS:
+            raise ValueError(
+                f"this VAE would have about {size:.3g} parameters (event_shape={self.event_shape}, "
+                f"latent_dim={self.latent_dim}, hidden={self.hidden}); the limit is {_MAX_PARAMETERS:.3g}"
+            )
+
+    def approx_num_parameters(self) -> int:
+        """Parameter count of encoder and decoder: exact for MLPs, an upper bound for conv nets."""
+        d, k = math.prod(self.event_shape), self.latent_dim
+        out = get_likelihood(self.likelihood, **self.likelihood_options).num_params * d
+        if self.network == "mlp":
+            dense = lambda widths: sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+            return dense((d, *self.hidden, 2 * k)) + dense((k, *self.hidden, out))
+        c = self.channels
+        return (d + out) * 2 * c * (16 + 2 * k) + 32 * c * c
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -128,6 +147,8 @@ class VAE(PyroModule):
             raise ValueError(
                 f"{name} must have shape (batch, *{self.event_shape}), got {tuple(x.shape)}"
             )
+        if x.shape[0] == 0:
+            raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
 
     def check_data(self, x, name="x"):
         """Check shape and likelihood support of a data tensor; raise ``ValueError``."""

@@ -64,8 +64,8 @@ def test_amat_parse_and_malformed(tmp_path):
     (tmp_path / "c.amat").write_text(text.replace("1", "2", 1))
     with pytest.raises(ValueError, match="other than 0 and 1"):
         read_amat(tmp_path / "c.amat")
-    (tmp_path / "d.amat").write_text("x y\n")
-    with pytest.raises(ValueError, match="malformed"):
+    (tmp_path / "d.amat").write_text(" ".join(["x"] * 784) + "\n")
+    with pytest.raises(ValueError, match="other than 0 and 1 .line 1: 'x'"):
         read_amat(tmp_path / "d.amat")
 
 

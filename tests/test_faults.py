@@ -1,0 +1,110 @@
+"""Kill a training run at random moments and resume; the result must equal an uninterrupted run."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyrovae.runs import MANIFEST, load_checkpoint, read_manifest
+
+JOB = ["--subset", "200", "--hidden", "16", "--latent-dim", "2", "--epochs", "60", "--eval-particles", "0",
+       "--no-progress", "--device", "cpu", "--seed", "3"]
+
+
+def _train(*argv):
+    return subprocess.Popen([sys.executable, "-m", "pyrovae", "train", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _kill(p, sig):
+    p.send_signal(sig)
+    return p.communicate(timeout=120)  # closes the pipes
+
+
+def _wait_for_checkpoint(run_dir: Path, timeout=60):
+    t0 = time.time()
+    while not (run_dir / MANIFEST).exists():
+        assert time.time() - t0 < timeout, "no checkpoint appeared"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    p = _train("--run-dir", str(run_dir), *JOB)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    return load_checkpoint(run_dir)
+
+
+def _assert_same_params(a, b):
+    assert a["epoch"] == b["epoch"] == 60
+    for name in a["params"]:
+        assert torch.equal(a["params"][name], b["params"][name]), name
+
+
+def test_sigkill_at_random_moments_then_resume(reference, tmp_path):
+    rng = random.Random(0)
+    run_dir = tmp_path / "run"
+    p = _train("--run-dir", str(run_dir), *JOB)
+    epochs_seen = []
+    for _ in range(3):
+        _wait_for_checkpoint(run_dir)
+        time.sleep(rng.uniform(0.1, 1.0))
+        _kill(p, signal.SIGKILL)
+        state = load_checkpoint(run_dir)  # the folder always loads after a kill
+        epochs_seen.append(state["epoch"])
+        p = _train("--resume", str(run_dir), "--no-progress")
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert epochs_seen == sorted(epochs_seen) and epochs_seen[0] < 60, epochs_seen
+    _assert_same_params(reference, load_checkpoint(run_dir))
+
+
+def test_ctrl_c_writes_a_checkpoint_and_says_how_to_resume(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    p = _train("--run-dir", str(run_dir), *JOB)
+    _wait_for_checkpoint(run_dir)
+    time.sleep(0.5)
+    out, err = _kill(p, signal.SIGINT)
+    assert p.returncode == 130 and "resume with" in err, (p.returncode, err)
+    p = _train("--resume", str(run_dir), "--no-progress")
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    _assert_same_params(reference, load_checkpoint(run_dir))
+
+
+WRITER = """
+import sys, torch
+from pyrovae.runs import save_checkpoint
+i = 0
+while True:
+    i += 1
+    save_checkpoint(sys.argv[1], {"epoch": i, "params": {"w": torch.full((1_000_000,), float(i))}}, epoch=i, is_best=i % 3 == 0)
+"""
+
+
+def test_sigkill_while_checkpoints_are_being_written(tmp_path):
+    rng = random.Random(1)
+    last = 0
+    for _ in range(5):
+        p = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)])
+        _wait_for_checkpoint(tmp_path)
+        time.sleep(rng.uniform(0.05, 0.6))
+        p.kill()
+        p.wait()
+        state = load_checkpoint(tmp_path)  # never torn: checksum and contents agree
+        w = state["params"]["w"]
+        assert torch.equal(w, torch.full_like(w, float(state["epoch"])))
+        best = read_manifest(tmp_path)["best"]  # None until a best exists
+        if best is not None:
+            assert best["epoch"] % 3 == 0 and load_checkpoint(tmp_path, "best")["epoch"] == best["epoch"]
+        assert len(list(tmp_path.glob("checkpoint-*.pt"))) <= 3  # latest, best, and at most one being written
+        last = state["epoch"]
+    assert last > 0
