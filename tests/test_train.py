@@ -197,3 +197,13 @@ def test_dataset_and_numpy_inputs():
     model, guide = ppca_pair()
     r2 = fit(model, guide, x.numpy(), epochs=1, batch_size=20, progress=False, device="cpu")
     assert r1.train_elbo == r2.train_elbo
+
+
+def test_two_vaes_with_one_name_are_caught():
+    x = torch.bernoulli(torch.full((8, 4), 0.5))
+    a, b = VAE((4,), latent_dim=2, hidden=(8,)), VAE((4,), latent_dim=2, hidden=(8,))
+    fit(a.model, a.guide, x, epochs=1, progress=False, device="cpu")
+    with pytest.raises(ValueError, match=r"param store holds 'vae.encoder\$\$\$net.0.weight' for a different tensor"):
+        fit(b.model, b.guide, x, epochs=1, progress=False, device="cpu")
+    c = VAE((4,), latent_dim=2, hidden=(8,), name="second")
+    fit(c.model, c.guide, x, epochs=1, progress=False, device="cpu")
