@@ -23,7 +23,8 @@ from .importance import LogMarginal, log_marginal
 from .likelihoods import LIKELIHOODS
 from .nn import NETWORKS
 from .runs import CheckpointError, load_run, write_json
-from .train import ELBOS, LR_SCHEDULES, NonFiniteLossError, _resolve_device, fit
+from .distributed import _resolve_device
+from .train import ELBOS, LR_SCHEDULES, NonFiniteLossError, fit
 from .vae import VAE, VAEConfig
 
 __all__ = ["main", "TrainJob"]
@@ -118,6 +119,8 @@ def train(job: TrainJob, run_dir: Path, *, resume: bool = False) -> dict:
         progress=job.progress, run_dir=None if resume else run_dir, resume=run_dir if resume else None,
         metadata={"job": asdict(job)},
     )
+    if result.rank != 0:  # under torchrun, rank 0 alone draws and reports
+        return {"final": result.history[-1] if result.history else None, "rank": result.rank}
     vae.eval()
     pictures = _pictures(vae, splits, result.history, run_dir)
     report = {
@@ -166,6 +169,8 @@ def _cmd_train(args) -> int:
 
 def _report(report, run_dir) -> int:
     final = report.get("final") or {}
+    if report.get("rank"):
+        return 0
     print(f"run folder: {run_dir}")
     print(f"final train ELBO {final.get('train_elbo', float('nan')):.3f}, validation ELBO "
           f"{final.get('val_elbo') if final.get('val_elbo') is None else round(final['val_elbo'], 3)} nats per datapoint")

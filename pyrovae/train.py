@@ -33,7 +33,7 @@ from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 
-from . import runs
+from . import distributed, runs
 from .runs import CheckpointError, write_json
 from .vae import VAE
 
@@ -140,6 +140,8 @@ class FitResult:
     :ivar run_dir: the run folder, or None.
     :ivar device: the device that was used.
     :ivar params: trained parameters by name (unconstrained, detached).
+    :ivar rank: this process's rank under ``torchrun`` (0 in a single process).
+    :ivar world_size: number of processes (see :mod:`pyrovae.distributed`).
     """
 
     history: Tuple[dict, ...]
@@ -148,6 +150,8 @@ class FitResult:
     run_dir: Optional[Path]
     device: str
     params: Dict[str, torch.Tensor] = field(repr=False)
+    rank: int = 0
+    world_size: int = 1
 
     @property
     def train_elbo(self):
@@ -173,15 +177,6 @@ class _ScaleLatents(Messenger):
     def _process_message(self, msg):
         if msg["type"] == "sample" and not msg["is_observed"]:
             msg["scale"] = msg["scale"] * self.factor
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was asked for but CUDA is not available")
-    return dev
 
 
 def _as_tensor(data, name: str) -> torch.Tensor:
@@ -481,7 +476,8 @@ def fit(
     if config.patience is not None and val_data is None:
         raise ValueError("patience (early stopping) needs val_data")
 
-    dev = _resolve_device(config.device)
+    group = distributed.setup(config.device)
+    dev = group.device
     x_train = _as_tensor(data, "data").to(dev)
     x_val = None if val_data is None else _as_tensor(val_data, "val_data").to(dev)
     if x_val is not None and x_val.shape[1:] != x_train.shape[1:]:
@@ -498,10 +494,11 @@ def fit(
     if run_dir is not None:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+    writer = run_dir is not None and group.rank == 0  # one process writes the run folder
 
     gen = torch.Generator()
     if config.seed is not None:
-        pyro.set_rng_seed(config.seed)
+        pyro.set_rng_seed(config.seed + group.rank)  # ranks draw different z; rank 0 as one process
         gen.manual_seed(config.seed)
 
     scaler = _ScaleLatents() if config.kl_warmup_epochs > 0 else None
@@ -516,11 +513,15 @@ def fit(
                 "create pyro.param values from the data (e.g. x.new_zeros) or pass device="
                 f"'{p.device.type}'"
             )
+    group.broadcast_(params.values())
     opt = OPTIMIZERS[config.optimizer](list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
     sched = LR_SCHEDULES[config.lr_schedule](opt, config.epochs) if config.lr_schedule else None
 
     n = len(x_train)
-    steps_per_epoch = math.ceil(n / config.batch_size)
+    n_local = n // group.world_size if group.active else n  # DistributedSampler(drop_last=True)
+    if n_local == 0:
+        raise ValueError(f"data has {n} datapoints, fewer than the {group.world_size} processes")
+    steps_per_epoch = math.ceil(n_local / config.batch_size)
     history: list = []
     start_epoch, start_step, global_step = 0, 0, 0
     perm = None
@@ -541,23 +542,33 @@ def fit(
                 g["initial_lr"] = config.lr
             if sched is not None:
                 sched.base_lrs = [config.lr] * len(opt.param_groups)
-        _set_rng_state(state["rng"], gen)
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        if len(ranks) != group.world_size:
+            raise CheckpointError(
+                f"checkpoint in {resume} was written by {len(ranks)} process(es); resume it with the same number, "
+                f"not {group.world_size}"
+            )
+        _set_rng_state(ranks[group.rank], gen)
         history = list(state["history"])
         start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
         perm = state.get("perm")
         partial = tuple(state.get("partial", (0.0, 0)))
         best = dict(state["best"])
 
-    if run_dir is not None:
+    if writer:
         write_json(run_dir / runs.CONFIG, {
             "pyrovae_format": runs.FORMAT_VERSION,
             "model": _model_config(model),
             "fit": asdict(config),
+            "world_size": group.world_size,
             "metadata": metadata or {},
         })
 
     def checkpoint(epoch, step, is_best=False):
         if run_dir is None:
+            return None
+        rng_ranks = group.gather(_rng_state(gen))  # a collective: every rank takes part
+        if not writer:
             return None
         state = {
             "epoch": epoch,
@@ -566,10 +577,11 @@ def fit(
             "params": {k: v.detach().cpu().clone() for k, v in params.items()},
             "optimizer": opt.state_dict(),
             "scheduler": None if sched is None else sched.state_dict(),
-            "rng": _rng_state(gen),
+            "rng": rng_ranks[0],
+            "rng_ranks": rng_ranks,
             "history": history,
             "best": best,
-            "perm": None if step == 0 else perm,
+            "perm": None if step == 0 or group.active else perm,
             "partial": partial,
             "config": asdict(config),
         }
@@ -601,7 +613,8 @@ def fit(
             for i in range(0, len(x_val), config.batch_size):
                 xb = x_val[i : i + config.batch_size]
                 total += float(elbo_obj.differentiable_loss(model_fn, guide_fn, xb))
-        return -total / len(x_val)
+        # Every rank scores the whole validation set; the mean makes all ranks agree.
+        return -group.sum([total])[0] / group.world_size / len(x_val)
 
     from tqdm.auto import tqdm
 
@@ -612,8 +625,11 @@ def fit(
     with _Interrupt() as interrupt, bar:
         for epoch in range(start_epoch, config.epochs):
             t0 = time.perf_counter()
+            if group.active:
+                perm = group.shard(n, epoch, config.seed or 0, config.shuffle)
             if start_step == 0 or perm is None:
-                perm = torch.randperm(n, generator=gen) if config.shuffle else torch.arange(n)
+                if not group.active:
+                    perm = torch.randperm(n, generator=gen) if config.shuffle else torch.arange(n)
                 loss_sum, count = 0.0, 0
             else:
                 loss_sum, count = partial
@@ -627,10 +643,14 @@ def fit(
                 with checks():
                     loss = elbo_obj.differentiable_loss(model_fn, guide_fn, xb)
                 value = loss.item()
+                if group.active:  # one all_reduce: the global loss and any rank's Ctrl-C
+                    value, stop_requested = group.sum([value, float(interrupt.requested)])
+                    interrupt.requested = stop_requested > 0
                 if not math.isfinite(value):
                     raise NonFiniteLossError(_diverged_message("loss", value, epoch, step, global_step, run_dir, last_good))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                group.average_grads_(params.values())
                 if config.clip_norm is not None:
                     norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), config.clip_norm))
                     if not math.isfinite(norm):
@@ -638,11 +658,12 @@ def fit(
                 opt.step()
                 global_step += 1
                 loss_sum += value
-                count += len(xb)
+                count += len(xb) * group.world_size
                 if interrupt.requested and step < steps_per_epoch - 1:
                     bar.close()
                     partial = (loss_sum, count)
                     path = checkpoint(epoch, step + 1)
+                    group.close()
                     raise KeyboardInterrupt(
                         f"interrupted at epoch {epoch + 1}, step {step + 1}"
                         + (f"; checkpoint written to {path}; resume with fit(..., resume={str(run_dir)!r}) "
@@ -685,6 +706,7 @@ def fit(
                 stopped_early = True
                 break
 
+    group.close()
     return FitResult(
         history=tuple(history),
         best_epoch=best["epoch"] or (history[-1]["epoch"] if history else 0),
@@ -692,6 +714,8 @@ def fit(
         run_dir=run_dir,
         device=str(dev),
         params={k: v.detach() for k, v in params.items()},
+        rank=group.rank,
+        world_size=group.world_size,
     )
 
 

@@ -159,6 +159,7 @@ def test_early_stopping_and_kl_warmup():
     ],
 )
 def test_bad_options(kwargs, err, match):
+    """Each bad option is named with its value."""
     model, guide = ppca_pair()
     with pytest.raises(err, match=match):
         fit(model, guide, toy_data(), progress=False, **kwargs)
@@ -207,3 +208,10 @@ def test_two_vaes_with_one_name_are_caught():
         fit(b.model, b.guide, x, epochs=1, progress=False, device="cpu")
     c = VAE((4,), latent_dim=2, hidden=(8,), name="second")
     fit(c.model, c.guide, x, epochs=1, progress=False, device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda():
+    model, guide = ppca_pair()
+    with pytest.raises(ValueError, match="device='cuda' was asked for but CUDA is not available"):
+        fit(model, guide, toy_data(), progress=False, device="cuda")
