@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
+import pyro
 import torch
 
 from . import plots, runs
@@ -105,7 +106,16 @@ def _pictures(vae, splits, history, run_dir: Path) -> list:
 
 
 def train(job: TrainJob, run_dir: Path, *, resume: bool = False) -> dict:
-    """Run the main job: train, draw, estimate log p(x), write ``report.json``."""
+    """Run the main job: train, draw, estimate log p(x), write ``report.json``.
+
+    Runs in its own scope of Pyro's param store, so calling it twice in one
+    process (a notebook, the tests) cannot mix two runs' registrations.
+    """
+    with pyro.get_param_store().scope():
+        return _train(job, run_dir, resume=resume)
+
+
+def _train(job: TrainJob, run_dir: Path, *, resume: bool) -> dict:
     t0 = time.perf_counter()
     splits = _load_job_data(job)
     torch.manual_seed(job.seed)  # network initialisation

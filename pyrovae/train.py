@@ -105,6 +105,8 @@ class FitConfig:
         _positive_int("epochs", self.epochs)
         _positive_int("batch_size", self.batch_size)
         _nonneg_float("lr", self.lr, positive=True)
+        if self.lr > torch.finfo(torch.float32).max:
+            raise ValueError(f"lr must be representable in float32 (<= 3.4e38), got {self.lr!r}")
         _nonneg_float("weight_decay", self.weight_decay)
         _positive_int("num_particles", self.num_particles)
         _nonneg_float("clip_norm", self.clip_norm, positive=True, allow_none=True)

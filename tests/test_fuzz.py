@@ -6,6 +6,7 @@ import struct
 
 import numpy as np
 import pytest
+import pyro
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -84,6 +85,7 @@ def test_read_amat_never_crashes(tmp_path_factory, raw):
 
 
 def _vae():
+    pyro.clear_param_store()  # hypothesis runs many examples inside one test
     return VAE((1, 2, 2), latent_dim=1, hidden=(4,))
 
 
