@@ -368,7 +368,9 @@ def log_marginal(
         done = 0
         while done < K:
             c = min(chunk, K - done)
-            with pyro.plate(_PARTICLE_PLATE, c, dim=-(nesting + 1)):
+            # The structural pass above ran under the caller's validation setting; the
+            # chunks repeat it on more particles, and the checks never change a value.
+            with pyro.plate(_PARTICLE_PLATE, c, dim=-(nesting + 1)), pyro.validation_enabled(False):
                 guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
                 model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
             lw = (

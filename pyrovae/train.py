@@ -214,7 +214,7 @@ def _as_tensor(data, name: str) -> torch.Tensor:
 
 
 def _owners(model, guide):
-    """nn.Modules whose bound methods are the model and guide, with a name prefix."""
+    """nn.Modules whose bound methods are the model and guide, with their role as name prefix."""
     out = []
     for role, fn in (("model", model), ("guide", guide)):
         owner = getattr(fn, "__self__", None)
@@ -226,16 +226,17 @@ def _owners(model, guide):
 def _collect_params(model, guide, x) -> Dict[str, torch.Tensor]:
     """Trainable tensors by stable name: module parameters, then param-store ones."""
     params: Dict[str, torch.Tensor] = {}
+    owned: Dict[str, torch.Tensor] = {}
     seen = set()
     for role, owner in _owners(model, guide):
         for name, p in owner.named_parameters():
+            owned[name] = p
             if p.requires_grad and id(p) not in seen:
                 params[f"{role}.{name}"] = p
                 seen.add(id(p))
     with torch.no_grad(), poutine.trace(param_only=True) as capture:
         guide_trace = poutine.trace(guide).get_trace(x)
         poutine.replay(model, trace=guide_trace)(x)
-    owned = {n: q for _, owner in _owners(model, guide) for n, q in owner.named_parameters()}
     for name, site in capture.trace.nodes.items():
         value = site["value"]
         p = value.unconstrained() if hasattr(value, "unconstrained") else value
@@ -507,7 +508,8 @@ def fit(
     model_fn = scaler(model) if scaler else model
     guide_fn = scaler(guide) if scaler else guide
 
-    params = _collect_params(model_fn, guide_fn, x_train[: min(len(x_train), config.batch_size)])
+    # Collect from the unwrapped programs: their owner modules give the stable names.
+    params = _collect_params(model, guide, x_train[: min(len(x_train), config.batch_size)])
     for name, p in params.items():
         if p.device != dev:
             raise ValueError(

@@ -103,6 +103,14 @@ def test_vae_checkpoint_round_trip(tmp_path):
     assert config["metadata"]["data"]["binarize"] == "static" and config["model"]["type"] == "VAE"
 
 
+def test_vae_with_kl_warmup_reloads(tmp_path):
+    s = load_dataset("digits", binarize="static", subset=64)
+    vae = VAE(s.event_shape, latent_dim=2, hidden=(16,))
+    fit(vae.model, vae.guide, s, epochs=2, batch_size=32, kl_warmup_epochs=1, progress=False, device="cpu",
+        run_dir=tmp_path)
+    assert torch.equal(load_run(tmp_path).vae.reconstruct(s.test), vae.reconstruct(s.test))
+
+
 def test_validation_does_not_touch_the_optimiser(tmp_path):
     model, guide = ppca_pair()
     fit(model, guide, toy_data(), val_data=toy_data(32, seed=5), epochs=2, batch_size=32, progress=False,
