@@ -10,6 +10,17 @@ import pyro
 import pyro.distributions as dist
 
 DEVICE = os.environ.get("PYROVAE_DEVICE", "cpu")
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name):
+    """Import examples/<name>.py as a module (examples are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 

@@ -1,13 +1,9 @@
 """Every example runs with tiny arguments; an example not listed here fails the suite."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-from .common import data_dir, requires_mnist
+from .common import EXAMPLES, data_dir, load_example, requires_mnist
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 LISTED = {
     "custom_model_guide.py": ["--n", "200", "--epochs", "30", "--num-particles", "200"],
     "vae_mnist.py": ["--data-dir", str(data_dir()), "--subset", "256", "--epochs", "1", "--hidden", "32",
@@ -15,15 +11,8 @@ LISTED = {
 }
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name[:-3], EXAMPLES / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _run(name):
-    module = _load(name)
+    module = load_example(name[:-3])
     return module.main(module.parser().parse_args(LISTED[name]))
 
 

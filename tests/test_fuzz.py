@@ -16,7 +16,10 @@ from pyrovae import VAE, fit, from_arrays, log_marginal
 from pyrovae.cli import main
 from pyrovae.data import read_amat, read_idx
 
-FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: the same examples on every run, so the suite is deterministic (new examples: run
+# with --hypothesis-seed=random locally).
+FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
 arrays = hnp.arrays(
@@ -135,7 +138,8 @@ def test_log_marginal_accepts_or_names_the_problem(value, k, shape):
         assert torch.isfinite(est.log_marginal).all()
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.filterwarnings("ignore:Encountered NaN:UserWarning")  # Pyro's warning precedes our exit 3
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     flag=st.sampled_from(["--epochs", "--batch-size", "--latent-dim", "--lr", "--beta", "--eval-particles", "--subset"]),
     # out-of-range and malformed values only: a huge valid --epochs would simply train for ever

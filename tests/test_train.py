@@ -12,26 +12,13 @@ from pyro import poutine
 from pyrovae import VAE, NonFiniteLossError, fit, load_dataset, load_run
 from pyrovae.runs import load_checkpoint
 
+from .common import load_example
+
 
 def ppca_pair(d=6, k=2):
-    """A user's model/guide written with pyro.param and pyro.module, as Pyro's tutorials teach."""
-    encoder = torch.nn.Linear(d, 2 * k)
-
-    def model(x):
-        W = pyro.param("W", lambda: 0.1 * torch.randn(d, k))
-        b = pyro.param("b", lambda: torch.zeros(d))
-        sigma = pyro.param("sigma", lambda: torch.tensor(1.0), constraint=dist.constraints.positive)
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(x.new_zeros(k), 1.0).to_event(1))
-            pyro.sample("x", dist.Normal(z @ W.T + b, sigma).to_event(1), obs=x)
-
-    def guide(x):
-        pyro.module("encoder", encoder)
-        with pyro.plate("data", x.shape[0]):
-            loc, raw = encoder(x).chunk(2, -1)
-            pyro.sample("z", dist.Normal(loc, torch.nn.functional.softplus(raw) + 1e-3).to_event(1))
-
-    return model, guide
+    """A user's pair written with pyro.param and pyro.module, as Pyro's tutorials teach:
+    the one in examples/custom_model_guide.py."""
+    return load_example("custom_model_guide").make_pair(d, k)
 
 
 def toy_data(n=96, d=6, seed=0):
