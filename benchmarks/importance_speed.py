@@ -19,8 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-import pyro
-from pyro.infer import EmpiricalMarginal, Importance  # noqa: F401
+from pyro.infer import Importance
 
 import pyrovae
 

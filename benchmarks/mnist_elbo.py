@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 import pyrovae
-from pyrovae.likelihoods import Bernoulli
 
 
 def elbo_terms(vae, x):

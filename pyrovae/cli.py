@@ -8,7 +8,6 @@ after saying how to resume.
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass

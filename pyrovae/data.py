@@ -20,7 +20,6 @@ Sources: ``digits`` (scikit-learn's 8x8 digits, no files needed), ``mnist``
 files or in-memory arrays through :func:`from_arrays`).
 """
 
-import dataclasses
 import gzip
 import os
 import struct

@@ -27,7 +27,7 @@ References:
 
 import math
 import warnings
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import torch

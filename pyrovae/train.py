@@ -16,7 +16,6 @@ statements and :class:`~pyro.nn.PyroModule` attributes all count), plus the
 import contextlib
 import csv
 import io
-import json
 import math
 import random
 import signal

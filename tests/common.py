@@ -1,6 +1,5 @@
 """Helpers shared by the tests: data location, small models with known answers."""
 
-import math
 import os
 from pathlib import Path
 

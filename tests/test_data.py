@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from pyrovae import data
 from pyrovae.data import from_arrays, load_dataset, read_amat, read_idx
 
 from .common import data_dir, requires_binarized_mnist, requires_mnist

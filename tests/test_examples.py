@@ -1,6 +1,5 @@
 """Every example runs with tiny arguments; an example not listed here fails the suite."""
 
-import pytest
 
 from .common import EXAMPLES, data_dir, load_example, requires_mnist
 

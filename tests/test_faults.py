@@ -1,6 +1,5 @@
 """Kill a training run at random moments and resume; the result must equal an uninterrupted run."""
 
-import os
 import random
 import signal
 import subprocess

@@ -1,7 +1,6 @@
 """Property-based fuzzing: bad input gets a ValueError/TypeError naming the problem, nothing else."""
 
 import gzip
-import io
 import struct
 
 import numpy as np

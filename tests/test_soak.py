@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import pyro
 
 from pyrovae import VAE, fit, load_dataset
 

@@ -1,13 +1,10 @@
 import json
-import math
 import os
 import signal
 
 import pytest
 import torch
 import pyro
-import pyro.distributions as dist
-from pyro import poutine
 
 from pyrovae import VAE, NonFiniteLossError, fit, load_dataset, load_run
 from pyrovae.runs import load_checkpoint
