@@ -88,3 +88,33 @@ def test_rotation_keeps_latest_and_best(tmp_path):
     manifest = json.loads((tmp_path / MANIFEST).read_text())
     assert set(ckpts) == {manifest["latest"]["file"], manifest["best"]["file"]} and len(ckpts) <= 2
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def _rewrite(run_dir, data: bytes):
+    """Replace the latest checkpoint and make the manifest's checksum agree with it."""
+    import hashlib
+
+    ckpt = _checkpoint(run_dir)
+    ckpt.write_bytes(data)
+    manifest = json.loads((run_dir / MANIFEST).read_text())
+    for key in ("latest", "best"):
+        if manifest.get(key) and manifest[key]["file"] == ckpt.name:
+            manifest[key]["sha256"] = hashlib.sha256(data).hexdigest()
+    (run_dir / MANIFEST).write_text(json.dumps(manifest))
+    return ckpt
+
+
+def test_truncated_checkpoint_with_matching_checksum(run_dir):
+    ckpt = _rewrite(run_dir, _checkpoint(run_dir).read_bytes()[:500])
+    with pytest.raises(CheckpointError, match=f"checkpoint .*{ckpt.name} is truncated or corrupt"):
+        load_run(run_dir)
+
+
+def test_wrong_checkpoint_version(run_dir):
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"format": "pyrovae-checkpoint", "version": 99, "params": {}}, buf)
+    ckpt = _rewrite(run_dir, buf.getvalue())
+    with pytest.raises(CheckpointError, match=f"{ckpt.name} has format version 99"):
+        load_run(run_dir)
