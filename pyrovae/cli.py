@@ -186,6 +186,12 @@ def _report(report, run_dir) -> int:
     return 0
 
 
+def _run_data(run, data_dir):
+    """The splits a run was trained on, optionally from another data folder."""
+    job = TrainJob(**run.config.get("metadata", {}).get("job", {}))
+    return _load_job_data(job if data_dir is None else dataclasses.replace(job, data_dir=data_dir))
+
+
 def _load_vae_run(path, device):
     run = load_run(path)
     if run.vae is None:
@@ -196,13 +202,12 @@ def _load_vae_run(path, device):
 
 def _cmd_evaluate(args) -> int:
     run, vae, dev = _load_vae_run(args.run, args.device)
-    job = TrainJob(**run.config.get("metadata", {}).get("job", {}))
-    splits = _load_job_data(job) if args.data_dir is None else _load_job_data(dataclasses.replace(job, data_dir=args.data_dir))
+    splits = _run_data(run, args.data_dir)
     x = getattr(splits, args.split).to(dev)
     if args.limit:
         x = x[: args.limit]
     if len(x) == 0:
-        raise ValueError(f"the {args.split} split of {job.dataset!r} is empty")
+        raise ValueError(f"the {args.split} split of {splits.name!r} is empty")
     t0 = time.perf_counter()
     est = _evaluate(vae, x, num_particles=args.num_particles, chunk_size=args.chunk_size, batch_size=args.batch_size)
     summary = est.summary()
@@ -225,8 +230,7 @@ def _cmd_sample(args) -> int:
 
 def _cmd_reconstruct(args) -> int:
     run, vae, dev = _load_vae_run(args.run, args.device)
-    job = TrainJob(**run.config.get("metadata", {}).get("job", {}))
-    splits = _load_job_data(job if args.data_dir is None else dataclasses.replace(job, data_dir=args.data_dir))
+    splits = _run_data(run, args.data_dir)
     x = splits.test if len(splits.test) else splits.train
     path = plots.plot_reconstructions(vae, x[: args.num].to(dev), args.out or Path(args.run) / "reconstructions.png")
     print(f"wrote {path}")

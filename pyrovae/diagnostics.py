@@ -136,7 +136,7 @@ def to_inference_data(
         diagnostics (r-hat) apply; they should read ~1 for independent draws.
     :returns: ``arviz.InferenceData``, ready for ``az.summary`` and ArviZ plots.
     """
-    from .importance import _PARTICLE_PLATE, _inspect, _sample_sites, _site_log_probs
+    from .importance import _PARTICLE_PLATE, _inspect, _particle_pass, _sample_sites
 
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
         raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
@@ -152,19 +152,13 @@ def to_inference_data(
     S = num_samples - num_samples % num_chains
     with torch.no_grad():
         plate_dim, n, nesting = _inspect(model, guide, (x,), {}, plate)
-        with pyro.plate(_PARTICLE_PLATE, S, dim=-(nesting + 1)):
-            guide_trace = poutine.trace(guide).get_trace(x)
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
-            rep_trace = None
-            if posterior_predictive:
+        lw, (guide_trace, model_trace) = _particle_pass(model, guide, (x,), {}, S, plate_dim, nesting, n)
+        rep_trace = None
+        if posterior_predictive:
+            with pyro.plate(_PARTICLE_PLATE, S, dim=-(nesting + 1)):
                 rep_trace = poutine.trace(
                     poutine.uncondition(poutine.replay(model, trace=guide_trace))
                 ).get_trace(x)
-        lw = (
-            _site_log_probs(model_trace, plate_dim, nesting, S, n, observed=True)
-            + _site_log_probs(model_trace, plate_dim, nesting, S, n, observed=False)
-            - _site_log_probs(guide_trace, plate_dim, nesting, S, n, observed=False)
-        )
 
     def draws(trace, names=None):
         # Unobserved sites of `trace` (all of them, or those in `names`) as (chain, draw, obs, ...).

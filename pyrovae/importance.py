@@ -42,6 +42,8 @@ import pyro
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from ._checks import check_int
+
 __all__ = ["log_marginal", "LogMarginal", "LogMarginalSummary", "iwae_bounds"]
 
 _PARTICLE_PLATE = "_pyrovae_particles"
@@ -195,14 +197,6 @@ def iwae_bounds(log_weights: torch.Tensor, ks: Sequence[int]) -> Dict[int, torch
     return out
 
 
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return value
-
-
 def _check_args(model, args, kwargs):
     """Finite, non-empty tensors; and the model's own data check where it has one (e.g. VAE)."""
     named = [(f"args[{i}]", a) for i, a in enumerate(args)] + [(k, v) for k, v in kwargs.items()]
@@ -297,6 +291,19 @@ def _site_log_probs(trace, plate_dim: int, nesting: int, chunk: int, n: int, obs
     return 0.0 if total is None else total
 
 
+def _particle_pass(model, guide, args, kwargs, num, plate_dim, nesting, n):
+    """``num`` vectorised particles: log weights of shape (num, N), float64, and the guide trace."""
+    with pyro.plate(_PARTICLE_PLATE, num, dim=-(nesting + 1)):
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    lw = (
+        _site_log_probs(model_trace, plate_dim, nesting, num, n, observed=True)
+        + _site_log_probs(model_trace, plate_dim, nesting, num, n, observed=False)
+        - _site_log_probs(guide_trace, plate_dim, nesting, num, n, observed=False)
+    )
+    return lw, (guide_trace, model_trace)
+
+
 def log_marginal(
     model,
     guide,
@@ -346,9 +353,9 @@ def log_marginal(
     >>> bool(torch.allclose(est.log_marginal, exact, atol=1e-6))
     True
     """
-    _check_int("num_particles", num_particles, 2)
+    check_int("num_particles", num_particles, 2)
     if chunk_size is not None:
-        _check_int("chunk_size", chunk_size, 1)
+        check_int("chunk_size", chunk_size, 1)
     if not isinstance(plate, str) or not plate:
         raise TypeError(f"plate must be a non-empty str, got {plate!r}")
     if not callable(model) or not callable(guide):
@@ -370,14 +377,8 @@ def log_marginal(
             c = min(chunk, K - done)
             # The structural pass above ran under the caller's validation setting; the
             # chunks repeat it on more particles, and the checks never change a value.
-            with pyro.plate(_PARTICLE_PLATE, c, dim=-(nesting + 1)), pyro.validation_enabled(False):
-                guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-                model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-            lw = (
-                _site_log_probs(model_trace, plate_dim, nesting, c, n, observed=True)
-                + _site_log_probs(model_trace, plate_dim, nesting, c, n, observed=False)
-                - _site_log_probs(guide_trace, plate_dim, nesting, c, n, observed=False)
-            )
+            with pyro.validation_enabled(False):
+                lw, _ = _particle_pass(model, guide, args, kwargs, c, plate_dim, nesting, n)
             if torch.isnan(lw).any():
                 bad = torch.isnan(lw).any(0).nonzero()[:5, 0].tolist()
                 raise ValueError(f"log weights are NaN for datapoints {bad}; check the model and guide")

@@ -33,6 +33,8 @@ from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 
 from . import distributed, runs
+from ._checks import check_int
+from .data import DataSplits
 from .runs import CheckpointError, write_json
 from .vae import VAE
 
@@ -59,13 +61,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def _positive_int(name, value, *, allow_none=False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value!r}")
-    return value
+    return None if value is None and allow_none else check_int(name, value)
 
 
 def _nonneg_float(name, value, *, positive=False, allow_none=False):
@@ -442,8 +438,6 @@ def fit(
     >>> len(result.history), result.history[-1]["train_elbo"] < 0
     (2, True)
     """
-    from .data import DataSplits  # data.py imports nothing from here; keep the import local for clarity
-
     if not callable(model) or not callable(guide):
         raise TypeError(f"model and guide must be callables, got {type(model).__name__} and {type(guide).__name__}")
     if isinstance(elbo, ELBO):
