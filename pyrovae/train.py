@@ -21,6 +21,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple, Union
@@ -33,6 +34,7 @@ from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 
 from . import distributed, runs
+from .static import StaticStep
 from ._checks import check_int
 from .data import DataSplits
 from .runs import CheckpointError, write_json
@@ -49,6 +51,10 @@ OPTIMIZERS = {
     "sgd": torch.optim.SGD,
     "rmsprop": torch.optim.RMSprop,
 }
+#: with ``static_graph="auto"``, record a static graph when a call has at least this
+#: many steps to run: recording and checking cost about as much as a few hundred
+#: eager steps of a small network (measured in benchmarks/README.md)
+STATIC_GRAPH_MIN_STEPS = 300
 #: learning-rate schedules by key, stepped once per epoch
 LR_SCHEDULES = {
     "cosine": lambda opt, epochs: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1)),
@@ -95,6 +101,7 @@ class FitConfig:
     shuffle: bool = True
     progress: bool = True
     validate: str = "first"
+    static_graph: Union[bool, str] = "auto"
 
     def __post_init__(self):
         _positive_int("epochs", self.epochs)
@@ -120,6 +127,11 @@ class FitConfig:
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.validate not in ("first", "always"):
             raise ValueError(f"validate must be 'first' or 'always', got {self.validate!r}")
+        if not (isinstance(self.static_graph, bool) or self.static_graph == "auto"):
+            raise ValueError(f"static_graph must be True, False or 'auto', got {self.static_graph!r}")
+        if self.static_graph is True and self.validate == "always":
+            raise ValueError("static_graph=True replays recorded steps, which cannot run Pyro's checks every step; "
+                             "use validate='first' or static_graph=False")
         for name in ("shuffle", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -139,6 +151,9 @@ class FitResult:
     :ivar params: trained parameters by name (unconstrained, detached).
     :ivar rank: this process's rank under ``torchrun`` (0 in a single process).
     :ivar world_size: number of processes (see :mod:`pyrovae.distributed`).
+    :ivar static_graph: True if the steps after the first ran from a recorded
+        graph to the end (see :mod:`pyrovae.static`).
+    :ivar static_graph_off: why they did not, or None.
     """
 
     history: Tuple[dict, ...]
@@ -149,6 +164,8 @@ class FitResult:
     params: Dict[str, torch.Tensor] = field(repr=False)
     rank: int = 0
     world_size: int = 1
+    static_graph: bool = False
+    static_graph_off: Optional[str] = None
 
     @property
     def train_elbo(self):
@@ -376,6 +393,7 @@ def fit(
     shuffle: bool = True,
     progress: bool = True,
     validate: str = "first",
+    static_graph: Union[bool, str] = "auto",
     metadata: Optional[dict] = None,
 ) -> FitResult:
     """Fit a model/guide pair by maximising the ELBO with a torch optimiser.
@@ -425,6 +443,16 @@ def fit(
         arguments, supports and shapes, then the rest with validation off:
         those checks never change a value but cost up to half a step on small
         networks. ``"always"`` keeps the caller's setting for every step.
+    :param static_graph: replay the tensor operations of a step, recorded once
+        per batch shape, instead of running Pyro's Python every step
+        (:class:`~pyrovae.static.StaticStep`). Bitwise equal to eager Pyro,
+        which is checked on the first batch of each shape; the run falls back to
+        eager Pyro when the program cannot be recorded or disagrees. Needs
+        ``Trace_ELBO`` and a program whose structure depends on nothing but the
+        batch's shape: no branching on Python randomness or counters. ``"auto"``
+        (default): on when this call has at least :data:`STATIC_GRAPH_MIN_STEPS`
+        steps, the ELBO is ``"trace"`` and ``validate="first"``. ``True``: on,
+        with a ``RuntimeWarning`` if it falls back. ``False``: always eager.
     :param dict metadata: JSON-able extras stored in ``config.json`` (e.g. data provenance).
     :returns: :class:`FitResult`.
     :raises NonFiniteLossError: if the loss (or clipped gradient norm) is NaN or
@@ -451,9 +479,12 @@ def fit(
         elbo=elbo_key, num_particles=num_particles, clip_norm=clip_norm, lr_schedule=lr_schedule,
         kl_warmup_epochs=kl_warmup_epochs, patience=patience, seed=seed, device=device,
         checkpoint_every=checkpoint_every, shuffle=shuffle, progress=progress, validate=validate,
+        static_graph=static_graph,
     )
     if elbo_obj is None:
         elbo_obj = ELBOS[elbo_key](num_particles=num_particles, vectorize_particles=num_particles > 1)
+    if config.static_graph is True and type(elbo_obj) is not Trace_ELBO:
+        raise ValueError(f"static_graph=True needs elbo='trace' (Trace_ELBO), got {type(elbo_obj).__name__}")
     if transform is not None and not callable(transform):
         raise TypeError(f"transform must be callable or None, got {transform!r}")
     if metadata is not None and not isinstance(metadata, dict):
@@ -524,6 +555,7 @@ def fit(
     perm = None
     partial = (0.0, 0)  # (loss sum, datapoints) of an interrupted epoch
     best = {"val_elbo": None, "epoch": 0, "bad_epochs": 0}
+    plist = list(params.values())
 
     # A run killed before its first checkpoint has nothing to resume: start it over, same folder.
     if resume is not None and (resume / runs.MANIFEST).exists():
@@ -586,6 +618,22 @@ def fit(
         _write_metrics(run_dir, history)
         return path
 
+    static, static_off, static_steps = None, None, 0
+    steps_to_run = (config.epochs - start_epoch) * steps_per_epoch - start_step
+    if config.static_graph == "auto":
+        if type(elbo_obj) is not Trace_ELBO:
+            static_off = f"auto: the ELBO is {type(elbo_obj).__name__}, not Trace_ELBO"
+        elif config.validate != "first":
+            static_off = "auto: validate='always'"
+        elif steps_to_run < STATIC_GRAPH_MIN_STEPS:
+            static_off = f"auto: {steps_to_run} steps to run, fewer than STATIC_GRAPH_MIN_STEPS={STATIC_GRAPH_MIN_STEPS}"
+    elif not config.static_graph:
+        static_off = "static_graph=False"
+    if static_off is None:
+        buffers = [b for _, owner in _owners(model, guide) for b in owner.buffers()]
+        static = StaticStep(elbo_obj, model_fn, guide_fn, plist, identity=(model, guide, scaler is not None),
+                            buffers=buffers)
+
     validated = [False]
 
     def checks():
@@ -637,8 +685,22 @@ def fit(
                     xb = transform(xb)
                 if scaler is not None:
                     scaler.factor = kl_weight()
-                with checks():
-                    loss = elbo_obj.differentiable_loss(model_fn, guide_fn, xb)
+                out = None
+                # The first step runs eagerly under the caller's validation; KL warm-up changes a
+                # Python scale factor every step, so a recorded step waits for it to reach 1.
+                if static is not None and validated[0] and (scaler is None or scaler.factor == 1.0):
+                    out = static(xb)
+                    static_steps += out is not None
+                    if static.failure is not None:
+                        static, static_off = None, static.failure
+                        if config.static_graph is True:
+                            warnings.warn(f"static_graph=True: {static_off}; training eagerly", RuntimeWarning, stacklevel=2)
+                if out is None:
+                    with checks():
+                        loss = elbo_obj.differentiable_loss(model_fn, guide_fn, xb)
+                    grads = None
+                else:
+                    loss, grads = out
                 value = loss.item()
                 if group.active:  # one all_reduce: the global loss and any rank's Ctrl-C
                     value, stop_requested = group.sum([value, float(interrupt.requested)])
@@ -646,7 +708,11 @@ def fit(
                 if not math.isfinite(value):
                     raise NonFiniteLossError(_diverged_message("loss", value, epoch, step, global_step, run_dir, last_good))
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if grads is None:
+                    loss.backward()
+                else:
+                    for p, g in zip(plist, grads):
+                        p.grad = g
                 group.average_grads_(params.values())
                 if config.clip_norm is not None:
                     norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), config.clip_norm))
@@ -713,6 +779,8 @@ def fit(
         params={k: v.detach() for k, v in params.items()},
         rank=group.rank,
         world_size=group.world_size,
+        static_graph=static is not None and static_steps > 0,
+        static_graph_off=static_off,
     )
 
 
