@@ -30,6 +30,10 @@ from .vae import VAE, VAEConfig
 __all__ = ["main", "TrainJob"]
 
 
+#: ``--static-graph`` values and what they mean for :func:`~pyrovae.fit`
+STATIC_GRAPH = {"auto": "auto", "on": True, "off": False}
+
+
 @dataclass(frozen=True)
 class TrainJob:
     """Everything ``pyrovae train`` does, as data (stored in ``config.json``)."""
@@ -57,6 +61,7 @@ class TrainJob:
     eval_particles: int = 100
     checkpoint_every: int = 1
     progress: bool = True
+    static_graph: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(self.hidden))
@@ -64,6 +69,8 @@ class TrainJob:
             raise ValueError(f"binarize must be one of {BINARIZATIONS}, got {self.binarize!r}")
         if isinstance(self.eval_particles, bool) or not isinstance(self.eval_particles, int) or self.eval_particles < 0 or self.eval_particles == 1:
             raise ValueError(f"eval_particles must be 0 (skip) or an int >= 2, got {self.eval_particles!r}")
+        if self.static_graph not in STATIC_GRAPH:
+            raise ValueError(f"static_graph must be one of {sorted(STATIC_GRAPH)}, got {self.static_graph!r}")
 
 
 def _vae_config(job: TrainJob, event_shape) -> VAEConfig:
@@ -126,7 +133,7 @@ def _train(job: TrainJob, run_dir: Path, *, resume: bool) -> dict:
         lr_schedule=job.lr_schedule, clip_norm=job.clip_norm, patience=job.patience,
         seed=job.seed, device=job.device, checkpoint_every=job.checkpoint_every,
         progress=job.progress, run_dir=None if resume else run_dir, resume=run_dir if resume else None,
-        metadata={"job": asdict(job)},
+        static_graph=STATIC_GRAPH[job.static_graph], metadata={"job": asdict(job)},
     )
     if result.rank != 0:  # under torchrun, rank 0 alone draws and reports
         return {"final": result.history[-1] if result.history else None, "rank": result.rank}
@@ -139,6 +146,8 @@ def _train(job: TrainJob, run_dir: Path, *, resume: bool) -> dict:
         "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early,
         "final": result.history[-1] if result.history else None,
+        "static_graph": result.static_graph,
+        "static_graph_off": result.static_graph_off,
         "pictures": [p.name for p in pictures],
         "metrics_note": "elbo: nats per datapoint, higher is better; log_marginal: importance-sampled log p(x) with K particles",
     }
@@ -163,7 +172,7 @@ def _cmd_train(args) -> int:
         if not isinstance(stored, dict):
             raise CheckpointError(f"{run_dir / runs.CONFIG} holds no 'pyrovae train' job; resume it with pyrovae.fit")
         # A resumed run keeps its model and data; only these may change.
-        allowed = {"epochs", "lr", "device", "progress", "eval_particles", "patience", "checkpoint_every"}
+        allowed = {"epochs", "lr", "device", "progress", "eval_particles", "patience", "checkpoint_every", "static_graph"}
         changed = {k for k in overrides if k not in allowed and overrides[k] != stored.get(k)}
         if changed:
             raise ValueError(f"--resume keeps the run's model and data; these options cannot change: {sorted(changed)}")
@@ -272,6 +281,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     t.add_argument("--eval-particles", dest="eval_particles", type=int, help=f"K for the quick test log p(x) (0 skips; default {d.eval_particles})")
     t.add_argument("--checkpoint-every", dest="checkpoint_every", type=_positive)
+    t.add_argument("--static-graph", dest="static_graph", choices=sorted(STATIC_GRAPH),
+                   help="replay recorded steps, bitwise equal to eager Pyro (default auto: for runs of 300+ steps)")
     t.add_argument("--run-dir", dest="run_dir", help="output folder (default runs/<dataset>-<time>)")
     t.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
     t.add_argument("--no-progress", dest="progress", action="store_const", const=False)

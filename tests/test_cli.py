@@ -65,3 +65,14 @@ def test_corrupt_checkpoint_is_named(run, capsys):
 def test_existing_run_folder_is_not_overwritten(run, capsys):
     assert main(["train", "--run-dir", str(run), *TINY]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_static_graph_flag(tmp_path):
+    assert TINY[:2] == ["--epochs", "2"]
+    assert main(["train", "--run-dir", str(tmp_path / "on"), *TINY[2:], "--epochs", "3", "--batch-size", "16",
+                 "--static-graph", "on"]) == 0
+    report = json.loads((tmp_path / "on" / "report.json").read_text())
+    assert report["static_graph"] is True and report["static_graph_off"] is None, report
+    assert main(["train", "--run-dir", str(tmp_path / "off"), *TINY, "--static-graph", "off"]) == 0
+    report = json.loads((tmp_path / "off" / "report.json").read_text())
+    assert report["static_graph"] is False and report["static_graph_off"] == "static_graph=False", report
