@@ -34,7 +34,7 @@ from pyro.infer import Trace_ELBO
 from pyro.infer.trace_elbo import _compute_log_r
 from pyro.infer.util import is_identically_zero
 
-__all__ = ["StaticStep"]
+__all__ = ["StaticStep", "loss_and_surrogate"]
 
 log = logging.getLogger("pyrovae")
 
