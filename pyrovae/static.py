@@ -17,9 +17,11 @@ the first time a shape is used in a run, the step is computed both ways from
 the same random state and compared bit for bit, and any difference, or a
 program that cannot be recorded, switches the run back to eager Pyro.
 
-What cannot be detected from one batch is structure that depends on Python
-state outside the tensors, such as a model that branches on ``random.random()``
-or on a counter it keeps. Such programs must be trained with
+Reading any tensor's value into Python while recording (``.item()``,
+``.tolist()``, ``if t > 0``) refuses the recording, since the value would be
+frozen into every replay. What cannot be detected is structure that depends
+on Python state outside the tensors, such as a model that branches on
+``random.random()`` or on a counter it keeps. Such programs must be trained with
 ``static_graph=False``; see :func:`pyrovae.fit`. This is the same contract as
 Pyro's ``JitTrace_ELBO`` ("models must have static structure").
 """
@@ -33,6 +35,7 @@ import torch
 from pyro.infer import Trace_ELBO
 from pyro.infer.trace_elbo import _compute_log_r
 from pyro.infer.util import is_identically_zero
+from torch.overrides import TorchFunctionMode
 
 __all__ = ["StaticStep", "loss_and_surrogate"]
 
@@ -42,6 +45,7 @@ log = logging.getLogger("pyrovae")
 # Keyed weakly by the model's owner (the module whose method it is, or the
 # function itself): a graph holds the parameter tensors, never the owner.
 _GRAPHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_MAX_GRAPHS = 8  # per program: batch shapes times parameter sets
 
 
 def loss_and_surrogate(elbo: Trace_ELBO, model, guide, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -89,6 +93,28 @@ def _set_rng_state(state, device: torch.device) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
+
+
+class _ValueRead(RuntimeError):
+    pass
+
+
+class _NoValueReads(TorchFunctionMode):
+    """Refuse, while recording, any read of a tensor's value into Python.
+
+    ``make_fx`` already refuses to read the batch (a traced input), but a
+    parameter is recorded by reference and can be read silently: ``w.tolist()``
+    or ``if w.sum() > 0`` would freeze today's value into every replay, and
+    the one-batch check could not see it until the optimiser has moved ``w``.
+    """
+
+    _READS = frozenset({"item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "__complex__",
+                        "__format__"})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) in self._READS:
+            raise _ValueRead(f"the program reads a tensor's value into Python (Tensor.{func.__name__})")
+        return func(*args, **(kwargs or {}))
 
 
 def _mutated_constants(graph: torch.fx.GraphModule) -> List[str]:
@@ -158,7 +184,8 @@ class StaticStep:
         )
 
     def _loss_and_grads(self, x):
-        loss, surrogate = loss_and_surrogate(self.elbo, self.model, self.guide, x)
+        with _NoValueReads():
+            loss, surrogate = loss_and_surrogate(self.elbo, self.model, self.guide, x)
         grads = torch.autograd.grad(surrogate, self.params, allow_unused=True)
         # In the parameter's memory layout, as autograd leaves a .grad: a transposed
         # view would slow down every elementwise optimiser update.
@@ -186,10 +213,13 @@ class StaticStep:
         if mutated:
             self.failure = f"the step updates tensors in place (e.g. BatchNorm running statistics): {mutated[:3]}"
             return None
+        # A parameter with a gradient must be read by reference: a copy would go stale
+        # after the first optimiser step, and no single-step check could tell.
         held = {id(t) for t in [*graph.parameters(), *graph.buffers()]}
-        missing = [i for i, p in enumerate(self.params) if id(p) not in held and p.requires_grad]
-        if len(missing) == len(self.params):
-            self.failure = "the recorded graph does not read the live parameters"
+        outputs = next(n for n in graph.graph.nodes if n.op == "output").args[0]
+        stale = [i for i, p in enumerate(self.params) if outputs[1 + i] is not None and id(p) not in held]
+        if stale:
+            self.failure = f"the recorded graph reads copies of parameters {stale[:3]}, not the live tensors"
             return None
         return graph
 
@@ -226,8 +256,6 @@ class StaticStep:
         if self.failure is not None:
             return None
         key = self._key + (tuple(x.shape), x.dtype, str(x.device))
-        # The graph holds its own backward pass: replaying it under autograd would only
-        # record a second, unused graph of the same operations.
         with pyro.validation_enabled(False):
             graph = self._graphs.get(key)
             if graph is None:
@@ -235,8 +263,12 @@ class StaticStep:
                 if graph is None:
                     log.info("pyrovae: static graph off, %s; training eagerly", self.failure)
                     return None
+                if len(self._graphs) >= _MAX_GRAPHS:  # e.g. a param store cleared again and again
+                    self._graphs.pop(next(iter(self._graphs)))
                 self._graphs[key] = graph
             if key in self._verified:
+                # The graph holds its own backward pass: replaying it under autograd would
+                # record a second, unused graph of the same operations (measured: 1.13x vs 1.03x).
                 with torch.no_grad():
                     out = graph(x)
             else:

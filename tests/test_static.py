@@ -268,3 +268,29 @@ def test_digits_vae_static_equals_eager_on_real_data():
     eager, static = _fit_both(make, s, epochs=3, batch_size=64)
     _assert_bitwise(eager, static)
     assert eager.val_elbo == static.val_elbo
+
+
+def test_a_parameter_read_as_a_copy_is_refused():
+    """A program that reads a parameter's value into a fresh tensor would replay a stale copy."""
+    w = torch.zeros(3, requires_grad=True)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(w.clone() * 0 + w, 1.0).to_event(1), obs=x)
+
+    def copying_model(x):
+        snapshot = torch.tensor(w.tolist(), requires_grad=False)  # the value, not the tensor
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(w + snapshot, 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        pass
+
+    x = torch.randn(8, 3)
+    for fn, ok in ((model, True), (copying_model, False)):
+        elbo = Trace_ELBO()
+        elbo.differentiable_loss(fn, guide, x)
+        step = StaticStep(elbo, fn, guide, [w], identity=(fn, guide))
+        result = step(x)
+        assert (result is not None) == ok, step.failure
+    assert "reads a tensor's value into Python (Tensor.tolist)" in step.failure, step.failure
