@@ -541,8 +541,9 @@ def fit(
                 "create pyro.param values from the data (e.g. x.new_zeros) or pass device="
                 f"'{p.device.type}'"
             )
-    group.broadcast_(params.values())
-    opt = OPTIMIZERS[config.optimizer](list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
+    plist = list(params.values())
+    group.broadcast_(plist)
+    opt = OPTIMIZERS[config.optimizer](plist, lr=config.lr, weight_decay=config.weight_decay)
     sched = LR_SCHEDULES[config.lr_schedule](opt, config.epochs) if config.lr_schedule else None
 
     n = len(x_train)
@@ -555,7 +556,6 @@ def fit(
     perm = None
     partial = (0.0, 0)  # (loss sum, datapoints) of an interrupted epoch
     best = {"val_elbo": None, "epoch": 0, "bad_epochs": 0}
-    plist = list(params.values())
 
     # A run killed before its first checkpoint has nothing to resume: start it over, same folder.
     if resume is not None and (resume / runs.MANIFEST).exists():
@@ -713,9 +713,9 @@ def fit(
                 else:
                     for p, g in zip(plist, grads):
                         p.grad = g
-                group.average_grads_(params.values())
+                group.average_grads_(plist)
                 if config.clip_norm is not None:
-                    norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), config.clip_norm))
+                    norm = float(torch.nn.utils.clip_grad_norm_(plist, config.clip_norm))
                     if not math.isfinite(norm):
                         raise NonFiniteLossError(_diverged_message("gradient norm", norm, epoch, step, global_step, run_dir, last_good))
                 opt.step()
