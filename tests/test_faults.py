@@ -1,5 +1,6 @@
 """Kill a training run at random moments and resume; the result must equal an uninterrupted run."""
 
+import os
 import random
 import signal
 import subprocess
@@ -16,14 +17,44 @@ JOB = ["--subset", "200", "--hidden", "16", "--latent-dim", "2", "--epochs", "60
        "--no-progress", "--device", "cpu", "--seed", "3"]
 
 
-def _train(*argv):
-    return subprocess.Popen([sys.executable, "-m", "pyrovae", "train", *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+WORKER = Path(__file__).with_name("pause_worker.py")
+STEPS_PER_EPOCH = 4  # --subset 200: 200 training images in batches of 64
+TOTAL_STEPS = 60 * STEPS_PER_EPOCH
 
 
-def _kill(p, sig):
-    p.send_signal(sig)
-    return p.communicate(timeout=120)  # closes the pipes
+_STARTED = []
+
+
+@pytest.fixture(autouse=True)
+def _no_orphans():
+    """A failing test leaves no paused worker behind."""
+    yield
+    while _STARTED:
+        p = _STARTED.pop()
+        if p.poll() is None:
+            p.kill()
+        p.communicate()
+
+
+def _train(*argv, pause=None):
+    """``pyrovae train`` in a subprocess; with ``pause``, it stops dead at that moment (see pause_worker.py)."""
+    env = dict(os.environ)
+    env.pop("PYROVAE_TEST_PAUSE", None)
+    if pause is not None:
+        env["PYROVAE_TEST_PAUSE"] = pause
+    p = subprocess.Popen([sys.executable, str(WORKER), "train", *argv], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    _STARTED.append(p)
+    return p
+
+
+def _wait_for_pause(p, pause):
+    """Block until the process reports it is paused at ``pause`` (no timing involved)."""
+    for line in p.stdout:
+        if line.strip() == f"PAUSED {pause}":
+            return
+    p.wait(timeout=120)
+    raise AssertionError(f"the job ended (exit {p.returncode}) before reaching {pause}: {p.stderr.read()}")
 
 
 def _wait_for_checkpoint(run_dir: Path, timeout=60):
@@ -31,6 +62,11 @@ def _wait_for_checkpoint(run_dir: Path, timeout=60):
     while not (run_dir / MANIFEST).exists():
         assert time.time() - t0 < timeout, "no checkpoint appeared"
         time.sleep(0.05)
+
+
+def _kill(p, sig):
+    p.send_signal(sig)
+    return p.communicate(timeout=120)  # closes the pipes
 
 
 @pytest.fixture(scope="module")
@@ -49,30 +85,36 @@ def _assert_same_params(a, b):
 
 
 def test_sigkill_at_random_moments_then_resume(reference, tmp_path):
+    """Three SIGKILLs at random observed moments: after an optimiser step, or in the middle of
+    publishing a file of the run folder. Each resumed process counts its own steps and writes."""
     rng = random.Random(0)
     run_dir = tmp_path / "run"
-    p = _train("--run-dir", str(run_dir), *JOB)
+    moments = [f"step:{rng.randint(STEPS_PER_EPOCH + 1, 3 * TOTAL_STEPS // 10)}",  # after the first checkpoint
+               f"write:{rng.randint(3, 30)}",
+               f"step:{rng.randint(1, 3 * TOTAL_STEPS // 10)}"]
+    p = _train("--run-dir", str(run_dir), *JOB, pause=moments[0])
     epochs_seen = []
-    for _ in range(3):
-        _wait_for_checkpoint(run_dir)
-        time.sleep(rng.uniform(0.1, 1.0))
+    for i, moment in enumerate(moments):
+        _wait_for_pause(p, moment)
         _kill(p, signal.SIGKILL)
         state = load_checkpoint(run_dir)  # the folder always loads after a kill
         epochs_seen.append(state["epoch"])
-        p = _train("--resume", str(run_dir), "--no-progress")
+        nxt = moments[i + 1] if i + 1 < len(moments) else None
+        p = _train("--resume", str(run_dir), "--no-progress", pause=nxt)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
-    assert epochs_seen == sorted(epochs_seen) and epochs_seen[0] < 60, epochs_seen
+    assert epochs_seen == sorted(epochs_seen) and 0 < epochs_seen[0] and epochs_seen[-1] < 60, (moments, epochs_seen)
     _assert_same_params(reference, load_checkpoint(run_dir))
 
 
 def test_ctrl_c_writes_a_checkpoint_and_says_how_to_resume(reference, tmp_path):
     run_dir = tmp_path / "run"
-    p = _train("--run-dir", str(run_dir), *JOB)
-    _wait_for_checkpoint(run_dir)
-    time.sleep(0.5)
+    moment = f"step:{2 * STEPS_PER_EPOCH + 2}"  # mid-epoch, after two checkpoints
+    p = _train("--run-dir", str(run_dir), *JOB, pause=moment)
+    _wait_for_pause(p, moment)
     out, err = _kill(p, signal.SIGINT)
     assert p.returncode == 130 and "resume with" in err, (p.returncode, err)
+    assert 0 < load_checkpoint(run_dir)["step"] < STEPS_PER_EPOCH, "the checkpoint holds the position within the epoch"
     p = _train("--resume", str(run_dir), "--no-progress")
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
@@ -94,6 +136,7 @@ def test_sigkill_while_checkpoints_are_being_written(tmp_path):
     last = 0
     for _ in range(5):
         p = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)])
+        _STARTED.append(p)
         _wait_for_checkpoint(tmp_path)
         time.sleep(rng.uniform(0.05, 0.6))
         p.kill()
