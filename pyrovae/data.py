@@ -455,3 +455,124 @@ def load_dataset(
     if download and name != "mnist":
         raise ValueError(f"download=True is only supported for 'mnist', not {name!r}")
     return DATASETS[name](root, binarize=binarize, seed=seed, subset=subset, **kwargs)
+
+
+# --------------------------------------------------------------------------- training batches
+class TensorBatches:
+    """Training data held in memory as the pair's arguments, with one datapoint per leading row.
+
+    ``data`` is what :func:`pyrovae.fit` accepts: a tensor or NumPy array (one
+    argument, ``model(x)``), a tuple of them (``model(*batch)``), a dict
+    (``model(**batch)``), or a map-style ``Dataset`` whose items are tensors,
+    tuples or dicts (read once and stacked into the same forms). Every
+    tensor must have the same number of rows; a batch takes the same rows of
+    each. Floating-point tensors must be finite. A single integer tensor is
+    converted to float32 (images stored as integers); tensors inside a tuple
+    or dict keep their dtype (labels stay integers).
+
+    :param data: the data, in one of the forms above.
+    :param str name: the argument's name, for messages.
+
+    >>> xs, ys = torch.zeros(5, 3), torch.arange(5)
+    >>> data = TensorBatches((xs, ys), "data")
+    >>> len(data), [t.shape for t in data.take(torch.tensor([0, 2]))]
+    (5, [torch.Size([2, 3]), torch.Size([2])])
+    """
+
+    def __init__(self, data, name: str):
+        self.name = name
+        self.structure = _as_structure(data, name)
+        sizes = {k: len(t) for k, t in self._items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"{name}: every tensor needs one row per datapoint, got rows {sizes}")
+        self._len = next(iter(sizes.values()))
+        for key, t in self._items():
+            label = name if key is None else f"{name}[{key!r}]"
+            if t.dim() < 1 or len(t) == 0:
+                raise ValueError(f"{label} is empty: shape {tuple(t.shape)}")
+            if t.is_complex():
+                raise TypeError(f"{label} must hold real numbers, got dtype {t.dtype}")
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                bad = (~torch.isfinite(t)).reshape(len(t), -1).any(1).nonzero()[0].item()
+                raise ValueError(f"{label} contains NaN or infinite values (first at index {bad})")
+
+    def _items(self):
+        s = self.structure
+        if isinstance(s, torch.Tensor):
+            return [(None, s)]
+        return list(s.items()) if isinstance(s, dict) else list(enumerate(s))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _map(self, fn):
+        s = self.structure
+        if isinstance(s, torch.Tensor):
+            return fn(s)
+        if isinstance(s, dict):
+            return {k: fn(v) for k, v in s.items()}
+        return tuple(fn(v) for v in s)
+
+    def to(self, device) -> "TensorBatches":
+        self.structure = self._map(lambda t: t.to(device))
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self._items()[0][1].device
+
+    def take(self, idx: torch.Tensor):
+        """The batch of rows ``idx``, in the data's form."""
+        return self._map(lambda t: t.index_select(0, idx))
+
+    def head(self, n: int):
+        """The first ``n`` rows."""
+        return self._map(lambda t: t[:n])
+
+    def event_shapes(self):
+        return self._map(lambda t: tuple(t.shape[1:]))
+
+
+def _as_tensor(value, name: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            raise TypeError(f"{name} must be numeric, got a numpy array of dtype object")
+        return torch.as_tensor(np.array(value))
+    raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got {type(value).__name__}")
+
+
+def _as_structure(data, name: str):
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        x = _as_tensor(data, name)
+        return x if x.is_floating_point() or x.is_complex() else x.float()
+    if isinstance(data, tuple):
+        if not data:
+            raise ValueError(f"{name} is an empty tuple")
+        return tuple(_as_tensor(v, f"{name}[{i}]") for i, v in enumerate(data))
+    if isinstance(data, dict):
+        if not data or not all(isinstance(k, str) for k in data):
+            raise ValueError(f"{name} must be a non-empty dict with str keys (the programs' keyword arguments)")
+        return {k: _as_tensor(v, f"{name}[{k!r}]") for k, v in data.items()}
+    if isinstance(data, list):
+        raise TypeError(f"{name} is a list: pass a tuple of tensors (the programs' arguments, model(*batch)), "
+                        "a stacked tensor, or a Dataset")
+    if hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (str, bytes)):
+        return _stack_dataset(data, name)
+    raise TypeError(f"{name} must be a tensor, numpy array, tuple or dict of tensors, or a map-style Dataset, "
+                    f"got {type(data).__name__}")
+
+
+def _stack_dataset(dataset, name: str):
+    """Read a map-style Dataset once; items that are tuples or dicts keep their form."""
+    if len(dataset) == 0:
+        raise ValueError(f"{name} is empty")
+    items = [dataset[i] for i in range(len(dataset))]
+    first = items[0]
+    if isinstance(first, dict):
+        return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in first}
+    if isinstance(first, (tuple, list)):
+        return tuple(torch.stack([torch.as_tensor(it[j]) for it in items]) for j in range(len(first)))
+    x = torch.stack([torch.as_tensor(it) for it in items])
+    return x if x.is_floating_point() else x.float()

@@ -24,15 +24,39 @@ from typing import Iterable, List, Optional
 
 import torch
 
-__all__ = ["Group", "setup"]
+__all__ = ["Group", "setup", "resolve_device", "check_device"]
 
 
-def _resolve_device(device: str) -> torch.device:
+def check_device(device) -> str:
+    """Refuse anything but ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
+    ok = isinstance(device, str) and (device in ("auto", "cpu", "cuda") or (
+        device.startswith("cuda:") and device[5:].isdigit()))
+    if not ok:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return device
+
+
+def resolve_device(device: str) -> torch.device:
+    """The one place a device name becomes a ``torch.device``.
+
+    ``"auto"`` is CUDA when available, else the CPU. A CUDA device always
+    carries its index (``"cuda"`` becomes ``cuda:<current device>``), so it
+    compares equal to the device of a tensor that lives there.
+
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    check_device(device)
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was asked for but CUDA is not available")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} was asked for but CUDA is not available")
+        index = torch.cuda.current_device() if dev.index is None else dev.index
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        dev = torch.device("cuda", index)
     return dev
 
 
@@ -122,7 +146,7 @@ def setup(device: str) -> Group:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     initialised = dist.is_available() and dist.is_initialized()
     if world <= 1 and not initialised:
-        return Group(device=_resolve_device(device))
+        return Group(device=resolve_device(device))
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         if not torch.cuda.is_available():

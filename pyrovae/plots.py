@@ -35,6 +35,9 @@ def _figure(figsize):
 
 
 def _save(fig, path) -> Path:
+    if hasattr(path, "write"):  # a file object, e.g. io.BytesIO for a run folder's commit
+        fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
+        return path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -117,7 +120,8 @@ def plot_latent_map(vae, x: torch.Tensor, path, *, labels: Optional[torch.Tensor
     fig = _figure((5, 4.5))
     ax = fig.add_subplot()
     c = None if labels is None else labels.cpu().numpy()
-    sc = ax.scatter(xy[:, 0], xy[:, 1], c=c, cmap="tab10", s=6, alpha=0.8)
+    colour = {} if c is None else {"c": c, "cmap": "tab10"}  # a colour map without labels is an error
+    sc = ax.scatter(xy[:, 0], xy[:, 1], s=6, alpha=0.8, **colour)
     if labels is not None:
         fig.colorbar(sc, ax=ax, label="label")
     ax.set_xlabel(axes[0])
@@ -154,6 +158,135 @@ def plot_khat(khat: torch.Tensor, path, *, threshold: Optional[float] = None) ->
     if threshold is not None and threshold not in (0.5, 0.7):
         ax.axvline(threshold, color="tab:red", linewidth=1, label=f"threshold for K draws ({threshold:.2f})")
     ax.set_xlabel("PSIS k-hat per datapoint")
+    ax.set_ylabel("datapoints")
+    ax.legend()
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------ workflow diagnostics
+# Pictures of pyrovae.diagnostics results; the numbers come from the result objects.
+__all__ += ["plot_sbc", "plot_ppc", "plot_collapse", "plot_prior_predictive", "plot_paired_differences"]
+
+
+def plot_sbc(result, path, *, level: float = 0.95, max_dimensions: int = 8) -> Path:
+    """SBC ranks of each latent coordinate: histograms with the 99% pointwise interval of a
+    bin's count (top), and ECDF minus uniform CDF with a simultaneous ``level`` band (bottom).
+
+    :param result: a :class:`~pyrovae.diagnostics.SBCResult`; the first ``max_dimensions`` columns are drawn.
+    """
+    counts, low, high = result.rank_histogram(level=0.99)
+    band = result.ecdf_band(level=level)
+    diff = result.ecdf_difference(band)
+    pvalues = result.pvalues
+    d = min(len(result.names), max_dimensions)
+    fig = _figure((2.3 * d + 0.6, 4.8))
+    axes = fig.subplots(2, d, squeeze=False)
+    edges = np.arange(result.bins + 1)
+    z = band.grid.numpy()
+    for j in range(d):
+        top, bottom = axes[0, j], axes[1, j]
+        top.fill_between(edges, np.r_[low.numpy(), low[-1].item()], np.r_[high.numpy(), high[-1].item()],
+                         step="post", color="0.85", label="99% if calibrated")
+        top.stairs(counts[j].numpy(), edges, color="tab:blue", baseline=None)
+        top.set_title(f"{result.names[j]}  (p = {float(pvalues[j]):.2g})", fontsize=9)
+        top.set_xticks([])
+        bottom.fill_between(z, band.lower.numpy(), band.upper.numpy(), color="0.85", label=f"{level:.0%} band")
+        bottom.plot(z, diff[j].numpy(), color="tab:blue")
+        bottom.axhline(0, color="k", linewidth=0.5)
+        bottom.set_xlabel("fractional rank")
+    axes[0, 0].set_ylabel("simulations per bin")
+    axes[1, 0].set_ylabel("ECDF - uniform")
+    axes[0, 0].legend(fontsize=7, loc="lower left")
+    axes[1, 0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"SBC: {result.num_simulations} simulations, {result.num_draws} draws of q(z|x) each", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_ppc(ppc, statistics, path, *, site: Optional[str] = None, num_replicates: int = 100, seed: int = 0) -> Path:
+    """Posterior predictive checks, raw q against the importance-reweighted posterior.
+
+    One row per statistic: its distribution over the datapoints, observed and
+    replicated (left), and the per-datapoint p-values (right; a calibrated
+    check gives a flat histogram, mass at 0 or 1 flags datapoints the model
+    does not reproduce).
+
+    :param ppc: a :class:`~pyrovae.diagnostics.ReweightedPredictive`.
+    :param statistics: ``{name: statistic}``, each mapping ``(..., *event_shape)`` to ``(...)``.
+    """
+    rows = len(statistics)
+    fig = _figure((9, 2.8 * rows))
+    axes = fig.subplots(rows, 2, squeeze=False)
+    for i, (name, statistic) in enumerate(statistics.items()):
+        observed = ppc.observed[ppc._site(site)]
+        t_obs = statistic(observed).double().cpu().numpy()
+        hist = {"density": True, "histtype": "step", "bins": 30}
+        left, right = axes[i, 0], axes[i, 1]
+        left.hist(t_obs, color="k", label="data", **hist)
+        for weighted, colour, label in ((True, "tab:blue", "reweighted posterior"), (False, "tab:orange", "raw q")):
+            reps = ppc.resample(num_replicates, weighted=weighted, seed=seed)[ppc._site(site)]
+            left.hist(statistic(reps).double().cpu().numpy().ravel(), color=colour, label=label, **hist)
+            p = ppc.pvalues(statistic, site=site, weighted=weighted).cpu().numpy()
+            right.hist(p, bins=20, range=(0, 1), color=colour, alpha=0.5, label=label)
+        left.set_xlabel(name)
+        right.set_xlabel(f"p-value of {name} per datapoint")
+        left.legend(fontsize=7)
+        right.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_collapse(usage, path) -> Path:
+    """Activity and KL of each latent coordinate, and the ELBO split (nats per datapoint).
+
+    :param usage: a :class:`~pyrovae.diagnostics.LatentUsage`.
+    """
+    units = usage.units
+    fig = _figure((12, 3.6))
+    a, k, e = fig.subplots(1, 3)
+    xs = np.arange(len(units.names))
+    colours = ["tab:blue" if on else "0.6" for on in units.active.tolist()]
+    a.bar(xs, units.activity.clamp(min=1e-6).numpy(), color=colours)
+    a.set_yscale("log")
+    a.axhline(units.threshold, color="tab:red", linewidth=1, label=f"threshold {units.threshold:g}")
+    a.set_xticks(xs, units.names, rotation=90, fontsize=7)
+    a.set_ylabel("activity Var_x E_q[z_u]")
+    a.set_title(f"{units.count} of {len(units.names)} units active", fontsize=10)
+    a.legend(fontsize=7)
+    kx = np.arange(len(usage.kl_names))
+    k.bar(kx, usage.kl.numpy(), color="tab:purple")
+    k.set_xticks(kx, usage.kl_names, rotation=90, fontsize=7)
+    k.set_ylabel("KL(q(z_u|x) || p(z_u)), nats")
+    k.set_title("KL per latent dimension", fontsize=10)
+    e.bar([0], [usage.reconstruction], color="tab:green", label="reconstruction E_q log p(x|z)")
+    e.bar([1], [-usage.mutual_information], color="tab:blue", label="- mutual information I_q(x; z)")
+    e.bar([1], [-usage.marginal_kl], bottom=[-usage.mutual_information], color="tab:orange",
+          label="- marginal KL(q(z) || p(z))")
+    e.bar([2], [usage.elbo], color="k", label="ELBO")
+    e.set_xticks([0, 1, 2], ["recon.", "- KL", "ELBO"])
+    e.axhline(0, color="k", linewidth=0.5)
+    e.set_ylabel("nats per datapoint")
+    e.set_title("ELBO = reconstruction - KL", fontsize=10)
+    e.legend(fontsize=7)
+    return _save(fig, path)
+
+
+@torch.no_grad()
+def plot_prior_predictive(vae, path, *, num_samples: int = 64, ncols: int = 8) -> Path:
+    """Data drawn from the model, x ~ p(x|z) with z ~ p(z) (draws, not means: what the model says data look like)."""
+    return _show_grid(vae.model(num_samples=num_samples), ncols, "prior predictive draws x ~ p(x)", path)
+
+
+def plot_paired_differences(a, b, path, *, names=("a", "b")) -> Path:
+    """Histogram of per-datapoint ``log p_a(x_i) - log p_b(x_i)`` of two estimates on the same data.
+
+    :param a: a :class:`~pyrovae.LogMarginal`; ``b`` the other, same datapoints.
+    """
+    d = (a.log_marginal - b.log_marginal).detach().cpu().double()
+    fig = _figure((6, 4))
+    ax = fig.add_subplot()
+    ax.hist(d.numpy(), bins=40, color="tab:blue", alpha=0.8)
+    ax.axvline(0, color="k", linewidth=1)
+    ax.axvline(float(d.mean()), color="tab:red", linewidth=1, label=f"mean {float(d.mean()):+.3f}")
+    ax.set_xlabel(f"log p({names[0]}) - log p({names[1]}) per datapoint, nats")
     ax.set_ylabel("datapoints")
     ax.legend()
     return _save(fig, path)

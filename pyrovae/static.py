@@ -33,9 +33,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import pyro
 import torch
 from pyro.infer import Trace_ELBO
-from pyro.infer.trace_elbo import _compute_log_r
 from pyro.infer.util import is_identically_zero
 from torch.overrides import TorchFunctionMode
+
+from . import _compat
+from .rng import set_torch_state, torch_state
 
 __all__ = ["StaticStep", "loss_and_surrogate"]
 
@@ -63,7 +65,7 @@ def loss_and_surrogate(elbo: Trace_ELBO, model, guide, x: torch.Tensor) -> Tuple
         surrogate loss whose gradient estimates the ELBO's, both 0-d tensors.
     """
     loss, surrogate_loss = 0.0, 0.0
-    for model_trace, guide_trace in elbo._get_traces(model, guide, (x,), {}):
+    for model_trace, guide_trace in _compat.get_elbo_traces(elbo, model, guide, (x,), {}):
         elbo_particle, surrogate = 0, 0
         log_r = None
         for site in model_trace.nodes.values():
@@ -78,21 +80,11 @@ def loss_and_surrogate(elbo: Trace_ELBO, model, guide, x: torch.Tensor) -> Tuple
                     surrogate = surrogate - entropy_term.sum()
                 if not is_identically_zero(score_function_term):
                     if log_r is None:
-                        log_r = _compute_log_r(model_trace, guide_trace)
+                        log_r = _compat.trace_elbo_log_r(model_trace, guide_trace)
                     surrogate = surrogate + (log_r.sum_to(site["cond_indep_stack"]) * score_function_term).sum()
         loss = loss + (-elbo_particle) / elbo.num_particles
         surrogate_loss = surrogate_loss + (-surrogate) / elbo.num_particles
     return loss, surrogate_loss
-
-
-def _rng_state(device: torch.device):
-    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-
-def _set_rng_state(state, device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
 
 
 class _ValueRead(RuntimeError):
@@ -145,9 +137,10 @@ class StaticStep:
     :param callable model: the model to run, taking the batch.
     :param callable guide: the guide to run, taking the batch.
     :param params: the trainable tensors, in the order of the returned gradients.
-    :param identity: the objects whose identity names the program for reuse of
-        graphs across calls: the unwrapped model and guide and anything that
-        changes the program (e.g. a KL-scaling handler's presence).
+    :param pair: the unwrapped programs (:class:`~pyrovae.pair.ModelGuidePair`),
+        whose identity names recorded graphs for reuse across calls.
+    :param variant: anything else that changes the program (e.g. a KL-scaling
+        handler's presence), part of that name.
     :param buffers: tensors the program may update in place (module buffers),
         restored after recording, which runs the step once.
 
@@ -156,13 +149,14 @@ class StaticStep:
     >>> x = (torch.rand(5, 6) < 0.5).float()
     >>> elbo = Trace_ELBO()
     >>> params = list(vae.parameters())
-    >>> step = StaticStep(elbo, vae.model, vae.guide, params, identity=(vae.model, vae.guide))
+    >>> from pyrovae.pair import ModelGuidePair
+    >>> step = StaticStep(elbo, vae.model, vae.guide, params, pair=ModelGuidePair(vae.model, vae.guide))
     >>> loss, grads = step(x)
     >>> step.failure is None and len(grads) == len(params)
     True
     """
 
-    def __init__(self, elbo, model, guide, params: Sequence[torch.Tensor], *, identity: tuple, buffers=()):
+    def __init__(self, elbo, model, guide, params: Sequence[torch.Tensor], *, pair, variant: tuple = (), buffers=()):
         if type(elbo) is not Trace_ELBO:
             raise ValueError(f"static graphs replay Trace_ELBO only, got {type(elbo).__name__}")
         self.elbo, self.model, self.guide = elbo, model, guide
@@ -170,15 +164,13 @@ class StaticStep:
         self.buffers = list(buffers)
         self.failure: Optional[str] = None
         self._ready: Dict[tuple, torch.fx.GraphModule] = {}  # checked in this run, by batch shape
-        owner = getattr(identity[0], "__self__", identity[0])
         try:
-            self._graphs: Dict[tuple, torch.fx.GraphModule] = _GRAPHS.setdefault(owner, {})
+            self._graphs: Dict[tuple, torch.fx.GraphModule] = _GRAPHS.setdefault(pair.cache_owner(), {})
         except TypeError:  # not weak-referenceable: keep this run's graphs only
             self._graphs = {}
         self._key = (
-            tuple(getattr(f, "__func__", f) for f in identity[:2]),
-            tuple(id(getattr(f, "__self__", None)) for f in identity[:2]),
-            tuple(repr(i) for i in identity[2:]),
+            pair.identity(),
+            tuple(repr(i) for i in variant),
             elbo.num_particles, elbo.vectorize_particles, elbo.max_plate_nesting,
             tuple(id(p) for p in self.params),
         )
@@ -193,17 +185,15 @@ class StaticStep:
                         for p, g in zip(self.params, grads))]
 
     def _record(self, x) -> Optional[torch.fx.GraphModule]:
-        from torch.fx.experimental.proxy_tensor import make_fx  # imported on first use: slow to import
-
         saved = [b.detach().clone() for b in self.buffers]
-        state = _rng_state(x.device)
+        state = torch_state(x.device)
         try:
-            graph = make_fx(lambda batch: self._loss_and_grads(batch), tracing_mode="real")(x)
+            graph = _compat.make_fx(lambda batch: self._loss_and_grads(batch))(x)
         except Exception as e:  # any failure to record means: run this program eagerly
             self.failure = f"the step could not be recorded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             return None
         finally:
-            _set_rng_state(state, x.device)
+            set_torch_state(state, x.device)
             with torch.no_grad():
                 for b, s in zip(self.buffers, saved):
                     b.copy_(s)
@@ -229,12 +219,12 @@ class StaticStep:
         Returns the step's ``[loss, *grads]``: the graph's when they agree, else
         Pyro's (with :attr:`failure` set), leaving the random state as Pyro's step does.
         """
-        before = _rng_state(x.device)
+        before = torch_state(x.device)
         loss = self.elbo.differentiable_loss(self.model, self.guide, x)
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         eager = [loss.detach(), *grads]
-        after = _rng_state(x.device)
-        _set_rng_state(before, x.device)
+        after = torch_state(x.device)
+        set_torch_state(before, x.device)
         with torch.no_grad():
             out = graph(x)
         for i, (a, b) in enumerate(zip(grads, out[1:])):
@@ -244,11 +234,11 @@ class StaticStep:
         if self.failure is None and not torch.allclose(out[0], eager[0], rtol=1e-6, atol=1e-6):
             self.failure = f"the recorded loss {out[0].item()} differs from eager Pyro's {eager[0].item()}"
         if self.failure is None and not all(
-            (a is None and b is None) or torch.equal(a, b) for a, b in zip(after, _rng_state(x.device))
+            (a is None and b is None) or torch.equal(a, b) for a, b in zip(after, torch_state(x.device))
         ):
             self.failure = "the recorded step draws a different number of random numbers than eager Pyro"
         if self.failure is not None:
-            _set_rng_state(after, x.device)
+            set_torch_state(after, x.device)
             return eager
         return out
 

@@ -1,46 +1,47 @@
 """Training any model/guide pair by stochastic variational inference.
 
-:func:`fit` is the trainer. Nothing in it is specific to :class:`~pyrovae.VAE`:
-it takes two Pyro programs with the same signature, called as
-``model(batch)`` and ``guide(batch)``, and follows Pyro's ``svi_torch``
-pattern: a Pyro ELBO gives a differentiable loss, and a plain torch optimiser
-steps the parameters.
+Nothing here is specific to :class:`~pyrovae.VAE`. :func:`fit` takes two Pyro
+programs with the same signature and follows Pyro's ``svi_torch`` pattern: a
+Pyro ELBO gives a differentiable loss, a plain torch optimiser steps the
+parameters. The pieces:
 
-Parameters are found the way Pyro's ``SVI`` finds them, from a ``param_only``
-trace of one call (so networks registered with ``pyro.module``, ``pyro.param``
-statements and :class:`~pyro.nn.PyroModule` attributes all count), plus the
-``parameters()`` of an ``nn.Module`` whose bound methods ``model`` and
-``guide`` are. Create every parameter in the first call.
+* :class:`FitConfig`: the options, validated when built;
+* :class:`TrainState`: everything a checkpoint saves and a resume restores;
+* :class:`Trainer`: the phases (``step``, ``run_epoch``, ``validate``,
+  ``save``, ``restore``) and the loop over epochs;
+* :func:`fit`: checks the arguments, builds those, runs, and always closes the
+  process group.
+
+Parameters are found by :class:`~pyrovae.pair.ModelGuidePair` from one run of
+the programs, as Pyro's ``SVI`` finds them. Create every parameter in the first call.
 """
 
 import contextlib
 import csv
 import io
 import math
-import random
 import signal
 import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
-import numpy as np
 import torch
 import pyro
-from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
-from pyro.poutine.messenger import Messenger
 
-from . import distributed, runs
+from . import distributed, rng
+from ._checks import check_bool, check_choice, check_float, check_int, check_seed
+from .data import DataSplits, TensorBatches
+from .handlers import ScaleLatents
+from .pair import ModelGuidePair, copy_into, batch_arguments
+from .runs import CONFIG, Checkpoint, CheckpointError, RunFolder, json_bytes
 from .static import StaticStep
-from ._checks import check_int
-from .data import DataSplits
-from .runs import CheckpointError, write_json
-from .vae import VAE
 
-__all__ = ["fit", "FitConfig", "FitResult", "NonFiniteLossError", "restore_params", "ELBOS", "OPTIMIZERS", "LR_SCHEDULES"]
+__all__ = ["fit", "FitConfig", "FitResult", "TrainState", "Trainer", "NonFiniteLossError", "ELBOS", "OPTIMIZERS",
+           "LR_SCHEDULES"]
 
 #: ELBO estimators by key (relatives of Trace_ELBO that keep per-datapoint plates)
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
@@ -60,24 +61,15 @@ LR_SCHEDULES = {
     "cosine": lambda opt, epochs: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1)),
     "exponential": lambda opt, epochs: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.95),
 }
+#: options a resumed run may change; the others define the objective or the batch order
+RESUMABLE_CHANGES = frozenset({"epochs", "lr", "device", "progress", "patience", "checkpoint_every", "static_graph",
+                               "validate", "clip_norm"})
+#: files of earlier evaluations, removed when training moves the checkpoint on
+EVALUATION_FILES = ("evaluate/evaluation.json", "evaluate/khat.png")
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; parameters were not updated with it."""
-
-
-def _positive_int(name, value, *, allow_none=False):
-    return None if value is None and allow_none else check_int(name, value)
-
-
-def _nonneg_float(name, value, *, positive=False, allow_none=False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {value!r}")
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} finite float, got {value!r}")
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -104,37 +96,35 @@ class FitConfig:
     static_graph: Union[bool, str] = "auto"
 
     def __post_init__(self):
-        _positive_int("epochs", self.epochs)
-        _positive_int("batch_size", self.batch_size)
-        _nonneg_float("lr", self.lr, positive=True)
-        if self.lr > torch.finfo(torch.float32).max:
-            raise ValueError(f"lr must be representable in float32 (<= 3.4e38), got {self.lr!r}")
-        _nonneg_float("weight_decay", self.weight_decay)
-        _positive_int("num_particles", self.num_particles)
-        _nonneg_float("clip_norm", self.clip_norm, positive=True, allow_none=True)
-        _nonneg_float("kl_warmup_epochs", self.kl_warmup_epochs)
-        _positive_int("patience", self.patience, allow_none=True)
-        _positive_int("checkpoint_every", self.checkpoint_every)
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer {self.optimizer!r} is not one of {sorted(OPTIMIZERS)}")
-        if self.elbo not in ELBOS and self.elbo != "custom":
-            raise ValueError(f"elbo {self.elbo!r} is not one of {sorted(ELBOS)} (or pass an ELBO instance)")
-        if self.lr_schedule is not None and self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule {self.lr_schedule!r} is not one of {sorted(LR_SCHEDULES)} or None")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise TypeError(f"seed must be an int or None, got {self.seed!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        if self.validate not in ("first", "always"):
-            raise ValueError(f"validate must be 'first' or 'always', got {self.validate!r}")
+        for name in ("epochs", "batch_size", "num_particles", "checkpoint_every"):
+            check_int(name, getattr(self, name))
+        check_int("patience", self.patience, allow_none=True)
+        check_float("lr", self.lr, positive=True, maximum=float(torch.finfo(torch.float32).max))
+        check_float("weight_decay", self.weight_decay)
+        check_float("clip_norm", self.clip_norm, positive=True, allow_none=True)
+        check_float("kl_warmup_epochs", self.kl_warmup_epochs)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("elbo", self.elbo, [*ELBOS, "custom"])
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES, allow_none=True)
+        check_choice("validate", self.validate, ("first", "always"))
+        check_seed("seed", self.seed)
+        distributed.check_device(self.device)
         if not (isinstance(self.static_graph, bool) or self.static_graph == "auto"):
             raise ValueError(f"static_graph must be True, False or 'auto', got {self.static_graph!r}")
         if self.static_graph is True and self.validate == "always":
             raise ValueError("static_graph=True replays recorded steps, which cannot run Pyro's checks every step; "
                              "use validate='first' or static_graph=False")
-        for name in ("shuffle", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        check_bool("shuffle", self.shuffle)
+        check_bool("progress", self.progress)
+
+    def changes_on_resume(self, saved: dict) -> List[str]:
+        """Options that differ from ``saved`` and may not change on resume."""
+        return sorted(k for k, v in asdict(self).items()
+                      if k not in RESUMABLE_CHANGES and k in saved and saved[k] != _jsonable(v))
+
+
+def _jsonable(v):
+    return list(v) if isinstance(v, tuple) else v
 
 
 @dataclass(frozen=True)
@@ -148,7 +138,7 @@ class FitResult:
     :ivar stopped_early: True if early stopping ended the run.
     :ivar run_dir: the run folder, or None.
     :ivar device: the device that was used.
-    :ivar params: trained parameters by name (unconstrained, detached).
+    :ivar params: trained parameters by stable name (unconstrained, detached).
     :ivar rank: this process's rank under ``torchrun`` (0 in a single process).
     :ivar world_size: number of processes (see :mod:`pyrovae.distributed`).
     :ivar static_graph: True if the steps after the first ran from a recorded
@@ -176,155 +166,72 @@ class FitResult:
         return [h["val_elbo"] for h in self.history]
 
 
-class _ScaleLatents(Messenger):
-    """Multiply the log-density of every unobserved sample site by ``factor``.
+@dataclass
+class TrainState:
+    """Everything a checkpoint saves: live tensors and objects, and where the run stands.
 
-    Applied to both model and guide this scales log p(z) - log q(z|x), i.e.
-    the KL term, and leaves log p(x|z) alone: the KL warm-up of Bowman et al.
-    (2016) and Sønderby et al. (2016), for any model/guide pair.
+    :ivar params: trainable tensors by stable name (the optimiser's, in this order).
+    :ivar buffers: module buffers by stable name (BatchNorm statistics).
+    :ivar optimizer: the torch optimiser.
+    :ivar scheduler: the LR scheduler, or None.
+    :ivar generator: the generator that orders the batches.
+    :ivar epoch: completed epochs. :ivar step: steps done in the current epoch.
+    :ivar global_step: optimiser steps since the run began.
+    :ivar perm: the current epoch's batch order. :ivar partial: its (loss sum, datapoints) so far.
+    :ivar history: one row per completed epoch. :ivar best: best validation ELBO and its epoch.
+    :ivar data_state: the data sources' own state (samplers), by source name.
     """
 
-    def __init__(self):
-        super().__init__()
-        self.factor = 1.0
+    params: Dict[str, torch.Tensor]
+    buffers: Dict[str, torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    scheduler: Optional[object]
+    generator: torch.Generator
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+    perm: Optional[torch.Tensor] = None
+    partial: Tuple[float, int] = (0.0, 0)
+    history: List[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"val_elbo": None, "epoch": 0, "bad_epochs": 0})
+    data_state: dict = field(default_factory=dict)
 
-    def _process_message(self, msg):
-        if msg["type"] == "sample" and not msg["is_observed"]:
-            msg["scale"] = msg["scale"] * self.factor
-
-
-def _as_tensor(data, name: str) -> torch.Tensor:
-    """Bring a tensor, numpy array or map-style Dataset into one float tensor."""
-    if isinstance(data, torch.Tensor):
-        x = data
-    elif isinstance(data, np.ndarray):
-        if data.dtype == object:
-            raise TypeError(f"{name} must be numeric, got a numpy array of dtype object")
-        x = torch.as_tensor(np.array(data))
-    elif hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (str, bytes, dict)):
-        items = []
-        for i in range(len(data)):
-            item = data[i]
-            if isinstance(item, (tuple, list)):
-                item = item[0]
-            items.append(torch.as_tensor(item))
-        if not items:
-            raise ValueError(f"{name} is empty")
-        x = torch.stack(items)
-    else:
-        raise TypeError(f"{name} must be a torch.Tensor, a numpy array or a Dataset, got {type(data).__name__}")
-    if x.is_complex():
-        raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
-    if not x.is_floating_point():
-        x = x.float()
-    if x.dim() < 1 or x.shape[0] == 0:
-        raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        bad = (~torch.isfinite(x)).reshape(len(x), -1).any(1).nonzero()[0].item()
-        raise ValueError(f"{name} contains NaN or infinite values (first at index {bad})")
-    return x
-
-
-def _owners(model, guide):
-    """nn.Modules whose bound methods are the model and guide, with their role as name prefix."""
-    out = []
-    for role, fn in (("model", model), ("guide", guide)):
-        owner = getattr(fn, "__self__", None)
-        if isinstance(owner, torch.nn.Module) and all(owner is not o for _, o in out):
-            out.append((role, owner))
-    return out
-
-
-def _collect_params(model, guide, x) -> Dict[str, torch.Tensor]:
-    """Trainable tensors by stable name: module parameters, then param-store ones."""
-    params: Dict[str, torch.Tensor] = {}
-    owned: Dict[str, torch.Tensor] = {}
-    seen = set()
-    for role, owner in _owners(model, guide):
-        for name, p in owner.named_parameters():
-            owned[name] = p
-            if p.requires_grad and id(p) not in seen:
-                params[f"{role}.{name}"] = p
-                seen.add(id(p))
-    with torch.no_grad(), poutine.trace(param_only=True) as capture:
-        guide_trace = poutine.trace(guide).get_trace(x)
-        poutine.replay(model, trace=guide_trace)(x)
-    for name, site in capture.trace.nodes.items():
-        value = site["value"]
-        p = value.unconstrained() if hasattr(value, "unconstrained") else value
-        clash = _stale_registration(name, p, owned) if id(p) not in seen else None
-        if clash is not None:
-            raise ValueError(
-                f"Pyro's param store holds {name!r} for a different tensor than the module's own "
-                f"{clash!r}: another module was registered under the same pyro.module name "
-                "(e.g. two VAEs with the same name=). Give each model a distinct name, or call "
-                "pyro.clear_param_store() before fitting"
-            )
-        if id(p) not in seen:
-            params[f"param.{name}"] = p
-            seen.add(id(p))
-    if not params:
-        raise ValueError(
-            "the model and guide have no parameters: register networks with pyro.module, "
-            "use pyro.param, or pass bound methods of an nn.Module"
+    def to_checkpoint(self, *, rng_ranks: List[dict], fit: dict, example, keep_perm: bool) -> Checkpoint:
+        names = list(self.params)
+        opt = self.optimizer.state_dict()
+        return Checkpoint(
+            epoch=self.epoch, step=self.step, global_step=self.global_step,
+            params={k: v.detach().cpu().clone() for k, v in self.params.items()},
+            buffers={k: v.detach().cpu().clone() for k, v in self.buffers.items()},
+            optimizer={"state": {names[i]: s for i, s in opt["state"].items()},
+                       "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in opt["param_groups"]]},
+            scheduler=None if self.scheduler is None else self.scheduler.state_dict(),
+            rng_ranks=rng_ranks, history=list(self.history), best=dict(self.best),
+            perm=self.perm if keep_perm and self.step else None, partial=self.partial, fit=fit,
+            data_state=dict(self.data_state), example=example,
         )
-    return params
 
-
-def _stale_registration(store_name: str, tensor, owned: Dict[str, torch.Tensor]) -> Optional[str]:
-    """The owner parameter that ``pyro.module`` meant to register as ``store_name``,
-    if the store returned a different tensor for it (a name clash), else None."""
-    if "$$$" not in store_name:
-        return None
-    module_name, param_name = store_name.split("$$$", 1)
-    for name, q in owned.items():
-        prefix = name[: -len(param_name) - 1]
-        if name.endswith("." + param_name) and module_name.endswith(prefix) and q is not tensor and q.shape == tensor.shape:
-            return name
-    return None
-
-
-def restore_params(params: Dict[str, torch.Tensor], saved: Dict[str, torch.Tensor], *, source="checkpoint") -> None:
-    """Copy saved tensors into live parameters in place, checking names and shapes."""
-    missing = sorted(set(params) - set(saved))
-    extra = sorted(set(saved) - set(params))
-    if missing or extra:
-        raise CheckpointError(
-            f"{source} does not match this model/guide: missing {missing[:5]}, unexpected {extra[:5]}"
-        )
-    with torch.no_grad():
-        for name, p in params.items():
-            if p.shape != saved[name].shape:
-                raise CheckpointError(f"{source}: parameter {name!r} has shape {tuple(saved[name].shape)}, model has {tuple(p.shape)}")
-            p.copy_(saved[name])
-
-
-def _rng_state(gen: torch.Generator) -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy_key": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_rest": (int(np_state[2]), int(np_state[3]), float(np_state[4])),
-        "data": gen.get_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict, gen: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_tuplify(state["python"]))
-    pos, has_gauss, cached = state["numpy_rest"]
-    np.random.set_state(("MT19937", state["numpy_key"].numpy().astype(np.uint32), pos, has_gauss, cached))
-    gen.set_state(state["data"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _tuplify(obj):
-    return tuple(_tuplify(o) for o in obj) if isinstance(obj, (list, tuple)) else obj
+    def load(self, ckpt: Checkpoint, *, source: str) -> None:
+        """Restore from ``ckpt``: tensors in place, optimiser and scheduler state, position."""
+        copy_into(self.params, ckpt.params, "parameter", source)
+        if ckpt.buffers is None and self.buffers:
+            raise CheckpointError(f"{source} was written by pyrovae format 1, which did not save module buffers; "
+                                  f"this pair has buffers {sorted(self.buffers)[:5]}")
+        if ckpt.buffers is not None:
+            copy_into(self.buffers, ckpt.buffers, "buffer", source)
+        index = {n: i for i, n in enumerate(self.params)}
+        saved = ckpt.optimizer
+        if set(saved["state"]) - set(index):
+            raise CheckpointError(f"{source}: optimiser state for unknown parameters {sorted(set(saved['state']) - set(index))[:5]}")
+        self.optimizer.load_state_dict({
+            "state": {index[n]: s for n, s in saved["state"].items()},
+            "param_groups": [{**g, "params": list(range(len(index)))} for g in saved["param_groups"]],
+        })
+        if self.scheduler is not None and ckpt.scheduler is not None:
+            self.scheduler.load_state_dict(ckpt.scheduler)
+        self.epoch, self.step, self.global_step = ckpt.epoch, ckpt.step, ckpt.global_step
+        self.perm, self.partial = ckpt.perm, tuple(ckpt.partial)
+        self.history, self.best, self.data_state = list(ckpt.history), dict(ckpt.best), dict(ckpt.data_state)
 
 
 class _Interrupt:
@@ -349,22 +256,361 @@ class _Interrupt:
             signal.signal(signal.SIGINT, self._old)
 
 
-def _write_metrics(run_dir: Path, history) -> None:
+class _Stop(Exception):
+    """A requested stop (Ctrl-C) after the state was saved; carries the message."""
+
+
+def _metrics_csv(history) -> bytes:
     cols = ["epoch", "train_elbo", "val_elbo", "kl_weight", "lr", "seconds"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for row in history:
         w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in cols})
-    runs._atomic_write(run_dir / "metrics.csv", buf.getvalue().encode())
+    return buf.getvalue().encode()
 
 
-def _model_config(model) -> dict:
-    """What config.json records about the model: enough to rebuild a VAE."""
-    owner = getattr(model, "__self__", None)
-    if isinstance(owner, VAE):
-        return {"type": "VAE", "config": owner.config.to_dict()}
-    return {"type": "custom", "model": getattr(model, "__qualname__", repr(model))}
+class Trainer:
+    """The phases of one :func:`fit` call over a model/guide pair.
+
+    :param ModelGuidePair pair: the programs.
+    :param elbo: the Pyro ELBO instance.
+    :param FitConfig config: validated options.
+    :param TensorBatches data: training data on the training device.
+    :param TensorBatches val_data: validation data, or None.
+    :param group: the process group (:func:`pyrovae.distributed.setup`).
+    :param RunFolder folder: where checkpoints go, or None.
+    :param transform: applied to each training batch, or None.
+    """
+
+    def __init__(self, pair: ModelGuidePair, elbo: ELBO, config: FitConfig, data: TensorBatches,
+                 val_data: Optional[TensorBatches], *, group, folder: Optional[RunFolder], transform=None):
+        self.pair, self.elbo, self.config, self.data, self.val_data = pair, elbo, config, data, val_data
+        self.group, self.folder, self.transform = group, folder, transform
+        self.writer = folder is not None and group.rank == 0  # one process writes the run folder
+        self.scaler = ScaleLatents() if config.kl_warmup_epochs > 0 else None
+        self.model = self.scaler(pair.model) if self.scaler else pair.model
+        self.guide = self.scaler(pair.guide) if self.scaler else pair.guide
+        n = len(data)
+        self.n_local = n // group.world_size if group.active else n  # DistributedSampler(drop_last=True)
+        if self.n_local == 0:
+            raise ValueError(f"data has {n} datapoints, fewer than the {group.world_size} processes")
+        self.steps_per_epoch = math.ceil(self.n_local / config.batch_size)
+        self.example = data.head(min(n, 2))
+        self.state = self._initial_state()
+        self.static: Optional[StaticStep] = None
+        self.static_off: Optional[str] = None
+        self.static_steps = 0
+        self._validated = False  # the first step ran under the caller's validation setting
+        self.last_good: Optional[Path] = None
+
+    # ------------------------------------------------------------------ set-up
+    def _initial_state(self) -> TrainState:
+        config, dev = self.config, self.group.device
+        gen = torch.Generator()
+        if config.seed is not None:
+            pyro.set_rng_seed(config.seed + self.group.rank)  # ranks draw different z; rank 0 as one process
+            gen.manual_seed(config.seed)
+        args, kwargs = batch_arguments(self.data.head(min(len(self.data), config.batch_size)))
+        self.pair.discover(*args, **kwargs)
+        params = self.pair.parameters()
+        for name, p in params.items():
+            if p.device != dev:
+                raise ValueError(
+                    f"parameter {name!r} lives on {p.device} but training runs on {dev}; "
+                    "create pyro.param values from the data (e.g. x.new_zeros) or pass device="
+                    f"'{p.device.type}'"
+                )
+        plist = list(params.values())
+        self.group.broadcast_(plist)
+        opt = OPTIMIZERS[config.optimizer](plist, lr=config.lr, weight_decay=config.weight_decay)
+        sched = LR_SCHEDULES[config.lr_schedule](opt, config.epochs) if config.lr_schedule else None
+        return TrainState(params=params, buffers=self.pair.buffers(), optimizer=opt, scheduler=sched, generator=gen)
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Continue from ``ckpt``: refuse changed options that define the run, then load the state."""
+        source = f"checkpoint in {self.folder.path if self.folder else '?'}"
+        changed = self.config.changes_on_resume(ckpt.fit)
+        if changed:
+            raise ValueError(f"a resumed run keeps its objective and batch order; these options differ from the "
+                             f"run's and cannot change: {', '.join(f'{k} ({ckpt.fit[k]!r} -> {getattr(self.config, k)!r})' for k in changed)}")
+        if self.config.epochs < ckpt.epoch:
+            raise ValueError(f"epochs={self.config.epochs} is fewer than the {ckpt.epoch} epochs the run has done; "
+                             f"pass epochs >= {ckpt.epoch} (the total, not the number to add)")
+        if len(ckpt.rng_ranks) != self.group.world_size:
+            raise CheckpointError(f"{source} was written by {len(ckpt.rng_ranks)} process(es); resume it with the "
+                                  f"same number, not {self.group.world_size}")
+        self.state.load(ckpt, source=source)
+        if ckpt.fit.get("lr", self.config.lr) != self.config.lr:  # a new lr on resume, e.g. after a divergence
+            for g in self.state.optimizer.param_groups:
+                g["lr"] = g["initial_lr"] = self.config.lr
+            if self.state.scheduler is not None:
+                self.state.scheduler.base_lrs = [self.config.lr] * len(self.state.optimizer.param_groups)
+        rng.restore(ckpt.rng_ranks[self.group.rank], self.state.generator)
+
+    def _plan_static(self) -> None:
+        config, state = self.config, self.state
+        steps_to_run = (config.epochs - state.epoch) * self.steps_per_epoch - state.step
+        if config.static_graph == "auto":
+            if type(self.elbo) is not Trace_ELBO:
+                self.static_off = f"auto: the ELBO is {type(self.elbo).__name__}, not Trace_ELBO"
+            elif config.validate != "first":
+                self.static_off = "auto: validate='always'"
+            elif steps_to_run < STATIC_GRAPH_MIN_STEPS:
+                self.static_off = (f"auto: {steps_to_run} steps to run, fewer than "
+                                   f"STATIC_GRAPH_MIN_STEPS={STATIC_GRAPH_MIN_STEPS}")
+        elif not config.static_graph:
+            self.static_off = "static_graph=False"
+        if self.static_off is None:
+            self.static = StaticStep(self.elbo, self.model, self.guide, list(state.params.values()),
+                                     pair=self.pair, variant=(self.scaler is not None,),
+                                     buffers=list(state.buffers.values()))
+
+    # ------------------------------------------------------------------ phases
+    def _checks(self):
+        """The caller's validation setting for the first step, then off (validate="first")."""
+        if self.config.validate == "always" or not self._validated:
+            return contextlib.nullcontext()
+        return pyro.validation_enabled(False)
+
+    def kl_weight(self) -> float:
+        if self.scaler is None:
+            return 1.0
+        return min(1.0, (self.state.global_step + 1) / (self.config.kl_warmup_epochs * self.steps_per_epoch))
+
+    def _loss_and_grads(self, batch):
+        """The step's loss and, from a recorded graph, its gradients (None: call backward)."""
+        if self.static is not None and self._validated and (self.scaler is None or self.scaler.factor == 1.0):
+            # KL warm-up changes a Python scale factor every step, so a recorded step waits for it to reach 1.
+            out = self.static(batch)
+            self.static_steps += out is not None
+            if self.static.failure is not None:
+                self.static, self.static_off = None, self.static.failure
+                if self.config.static_graph is True:
+                    warnings.warn(f"static_graph=True: {self.static_off}; training eagerly", RuntimeWarning, stacklevel=4)
+            if out is not None:
+                return out
+        args, kwargs = batch_arguments(batch)
+        with self._checks():
+            loss = self.elbo.differentiable_loss(self.model, self.guide, *args, **kwargs)
+        self._validated = True
+        return loss, None
+
+    def step(self, batch) -> float:
+        """One optimiser step on ``batch``; returns the batch's loss (negative ELBO, summed)."""
+        state, plist = self.state, list(self.state.params.values())
+        if self.scaler is not None:
+            self.scaler.factor = self.kl_weight()
+        loss, grads = self._loss_and_grads(batch)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLossError(self._diverged("loss", value))
+        state.optimizer.zero_grad(set_to_none=True)
+        if grads is None:
+            loss.backward()
+        else:
+            for p, g in zip(plist, grads):
+                p.grad = g
+        self.group.average_grads_(plist)
+        if self.config.clip_norm is not None:
+            norm = float(torch.nn.utils.clip_grad_norm_(plist, self.config.clip_norm))
+            if not math.isfinite(norm):
+                raise NonFiniteLossError(self._diverged("gradient norm", norm))
+        state.optimizer.step()
+        state.global_step += 1
+        return value
+
+    def _epoch_order(self) -> torch.Tensor:
+        config, state = self.config, self.state
+        if self.group.active:
+            return self.group.shard(len(self.data), state.epoch, config.seed or 0, config.shuffle)
+        n = len(self.data)
+        return torch.randperm(n, generator=state.generator) if config.shuffle else torch.arange(n)
+
+    def run_epoch(self, interrupt: _Interrupt) -> float:
+        """The rest of the current epoch; returns its training ELBO (nats per datapoint)."""
+        config, state = self.config, self.state
+        if state.step == 0:
+            state.partial = (0.0, 0)
+        if state.step == 0 or state.perm is None or self.group.active:  # shards are recomputed, not saved
+            state.perm = self._epoch_order()
+        loss_sum, count = state.partial
+        dev = self.group.device
+        for step in range(state.step, self.steps_per_epoch):
+            idx = state.perm[step * config.batch_size: (step + 1) * config.batch_size].to(dev)
+            batch = self.data.take(idx)
+            if self.transform is not None:
+                batch = self.transform(batch)
+            value = self.step(batch)
+            if self.group.active:  # one all_reduce: the global loss and any rank's Ctrl-C
+                value, stop_requested = self.group.sum([value, float(interrupt.requested)])
+                interrupt.requested = stop_requested > 0
+            loss_sum += value
+            count += len(idx) * self.group.world_size
+            state.step, state.partial = step + 1, (loss_sum, count)
+            if interrupt.requested and step < self.steps_per_epoch - 1:
+                path = self.save()
+                raise _Stop(f"interrupted at epoch {state.epoch + 1}, step {step + 1}" + self._resume_hint(path))
+        state.epoch, state.step, state.partial = state.epoch + 1, 0, (0.0, 0)
+        return -loss_sum / count
+
+    @torch.no_grad()
+    def validate(self) -> Optional[float]:
+        """Validation ELBO (nats per datapoint) at full KL weight, with every module in eval mode."""
+        if self.val_data is None:
+            return None
+        if self.scaler is not None:
+            self.scaler.factor = 1.0
+        total, n = 0.0, len(self.val_data)
+        with self.pair.evaluating(), self._checks():
+            for i in range(0, n, self.config.batch_size):
+                args, kwargs = batch_arguments(self.val_data.take(torch.arange(i, min(i + self.config.batch_size, n),
+                                                                               device=self.val_data.device)))
+                total += float(self.elbo.loss(self.model, self.guide, *args, **kwargs))
+        # Every rank scores the whole validation set; the mean makes all ranks agree.
+        return -self.group.sum([total])[0] / self.group.world_size / n
+
+    def save(self, *, is_best: bool = False) -> Optional[Path]:
+        """Commit a checkpoint and ``metrics.csv`` to the run folder (rank 0); a collective under torchrun."""
+        if self.folder is None:
+            return None
+        rng_ranks = self.group.gather(rng.capture(self.state.generator))  # every rank takes part
+        if not self.writer:
+            return None
+        ckpt = self.state.to_checkpoint(rng_ranks=rng_ranks, fit=asdict(self.config), example=_cpu(self.example),
+                                        keep_perm=not self.group.active)
+        return self.folder.commit(checkpoint=ckpt, is_best=is_best,
+                                  files={"metrics.csv": _metrics_csv(self.state.history)})
+
+    # ------------------------------------------------------------------ the loop
+    def _end_epoch(self, train_elbo: float, seconds_from: float) -> Tuple[bool, bool]:
+        """Validate, schedule, record, checkpoint; returns (is_best, stop early)."""
+        state, config = self.state, self.config
+        val = self.validate()
+        if state.scheduler is not None:
+            state.scheduler.step()
+        state.history.append({
+            "epoch": state.epoch, "train_elbo": train_elbo, "val_elbo": val,
+            "kl_weight": self.kl_weight() if self.scaler else 1.0,
+            "lr": state.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - seconds_from,
+        })
+        is_best = False
+        if val is not None:
+            if state.best["val_elbo"] is None or val > state.best["val_elbo"]:
+                state.best.update(val_elbo=val, epoch=state.epoch, bad_epochs=0)
+                is_best = True
+            else:
+                state.best["bad_epochs"] += 1
+        stop = config.patience is not None and state.best["bad_epochs"] >= config.patience
+        return is_best or val is None, stop
+
+    def run(self) -> FitResult:
+        """Train up to ``config.epochs`` epochs; returns the :class:`FitResult`."""
+        from tqdm.auto import tqdm
+
+        config, state = self.config, self.state
+        self._plan_static()
+        stopped_early = False
+        bar = tqdm(total=config.epochs, initial=state.epoch, desc="epochs", unit="epoch",
+                   disable=not config.progress, dynamic_ncols=True)
+        with _Interrupt() as interrupt, bar:
+            while state.epoch < config.epochs:
+                t0 = time.perf_counter()
+                is_best, stop = self._end_epoch(self.run_epoch(interrupt), t0)
+                row = state.history[-1]
+                bar.update(1)
+                bar.set_postfix(train_elbo=f"{row['train_elbo']:.2f}",
+                                **({} if row["val_elbo"] is None else {"val_elbo": f"{row['val_elbo']:.2f}"}))
+                last = state.epoch == config.epochs
+                if state.epoch % config.checkpoint_every == 0 or last or stop or interrupt.requested:
+                    self.last_good = self.save(is_best=is_best)
+                if interrupt.requested and not last:
+                    raise _Stop(f"interrupted after epoch {state.epoch}" + self._resume_hint(self.last_good))
+                if stop:
+                    stopped_early = True
+                    break
+        return self._result(stopped_early)
+
+    def _result(self, stopped_early: bool) -> FitResult:
+        state = self.state
+        return FitResult(
+            history=tuple(state.history),
+            best_epoch=state.best["epoch"] or (state.history[-1]["epoch"] if state.history else 0),
+            stopped_early=stopped_early, run_dir=None if self.folder is None else self.folder.path,
+            device=str(self.group.device), params={k: v.detach() for k, v in state.params.items()},
+            rank=self.group.rank, world_size=self.group.world_size,
+            static_graph=self.static is not None and self.static_steps > 0, static_graph_off=self.static_off,
+        )
+
+    def _resume_hint(self, path) -> str:
+        if not path:
+            return "; no run_dir, nothing saved"
+        run_dir = self.folder.path
+        return (f"; checkpoint written to {path}; resume with fit(..., resume={str(run_dir)!r}) "
+                f"or `pyrovae train --resume {run_dir}`")
+
+    def _diverged(self, what: str, value: float) -> str:
+        state = self.state
+        msg = (f"{what} became {value} at epoch {state.epoch + 1}, step {state.step + 1} "
+               f"(global step {state.global_step + 1}); the parameters were not updated with it")
+        if self.folder is not None:
+            where = self.last_good or "the latest checkpoint in the run folder"
+            msg += (f". The last good checkpoint is kept ({where}); resume with a lower learning rate: "
+                    f"fit(..., resume={str(self.folder.path)!r}, lr=...)")
+        return msg + ". Common causes: a learning rate too high, data outside the likelihood's support."
+
+
+def _cpu(batch):
+    if isinstance(batch, dict):
+        return {k: v.detach().cpu() for k, v in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(v.detach().cpu() for v in batch)
+    return batch.detach().cpu()
+
+
+# ---------------------------------------------------------------------- fit
+def _make_elbo(elbo, num_particles) -> Tuple[str, ELBO]:
+    if isinstance(elbo, ELBO):
+        return "custom", elbo
+    if isinstance(elbo, str):
+        check_choice("elbo", elbo, ELBOS)
+        return elbo, ELBOS[elbo](num_particles=num_particles, vectorize_particles=num_particles > 1)
+    raise TypeError(f"elbo must be a key of {sorted(ELBOS)} or a pyro.infer.ELBO, got {elbo!r}")
+
+
+def _open_folder(run_dir, resume) -> Tuple[Optional[RunFolder], Optional[Checkpoint]]:
+    """The run folder to write, and the checkpoint to continue from (None: start afresh)."""
+    if resume is None:
+        if run_dir is None:
+            return None, None
+        folder = RunFolder(run_dir)
+        if not folder.is_empty():
+            raise ValueError(f"run_dir {str(folder.path)!r} already holds files; pass resume={str(folder.path)!r} to "
+                             "continue that run, or another run_dir")
+        return folder, None
+    folder = RunFolder(resume)
+    if not folder.path.is_dir():
+        raise CheckpointError(f"run folder {folder.path} does not exist")
+    if run_dir is not None and Path(run_dir).resolve() != folder.path.resolve():
+        raise ValueError(f"resume={str(resume)!r} and run_dir={str(run_dir)!r} differ; a resumed run writes to its own folder")
+    # A run killed before its first checkpoint has nothing to resume: start it over, same folder.
+    if not folder.exists() or folder.manifest().get("latest") is None:
+        return folder, None
+    return folder, folder.load_checkpoint()
+
+
+def _prepare_data(data, val_data, transform, metadata):
+    if isinstance(data, DataSplits):
+        if val_data is None and len(data.val):
+            val_data = data.val
+        transform = transform if transform is not None else data.batch_transform
+        metadata = {"data": data.info(), **(metadata or {})}
+        data = data.train
+    train = TensorBatches(data, "data")
+    val = None if val_data is None else TensorBatches(val_data, "val_data")
+    if val is not None and val.event_shapes() != train.event_shapes():
+        raise ValueError(f"val_data has event shapes {val.event_shapes()}, data has {train.event_shapes()}")
+    return train, val, transform, metadata
 
 
 def fit(
@@ -373,7 +619,7 @@ def fit(
     data,
     *,
     val_data=None,
-    transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    transform: Optional[Callable] = None,
     epochs: int = 10,
     batch_size: int = 128,
     lr: float = 1e-3,
@@ -398,19 +644,20 @@ def fit(
 ) -> FitResult:
     """Fit a model/guide pair by maximising the ELBO with a torch optimiser.
 
-    Each step draws a batch ``x`` of shape ``(batch_size, *event_shape)``,
-    computes ``loss = elbo.differentiable_loss(model, guide, x)`` (the negative
-    ELBO summed over the batch) and takes an optimiser step. Reported ELBOs are
-    in nats per datapoint; the validation ELBO uses the full KL weight and does
-    not touch the optimiser.
+    Each step draws a batch, computes ``loss = elbo.differentiable_loss(model,
+    guide, *args, **kwargs)`` (the negative ELBO summed over the batch) and
+    takes an optimiser step. Reported ELBOs are in nats per datapoint; the
+    validation ELBO uses the full KL weight, runs every network in eval mode
+    and does not touch the optimiser.
 
-    :param model: Pyro program ``model(x)`` with observations in a data plate.
-    :param guide: Pyro program ``guide(x)``.
-    :param data: training data: tensor or numpy array of shape
-        ``(n, *event_shape)``, a map-style Dataset (read once into memory; tuple
-        items use their first element), or a :class:`~pyrovae.data.DataSplits`
-        (its train split, with ``val_data`` and ``transform`` defaulting to its
-        validation split and binarisation).
+    :param model: Pyro program with observations in a data plate.
+    :param guide: Pyro program with the same signature.
+    :param data: training data, one datapoint per leading row: a tensor or
+        numpy array (``model(x)``), a tuple of tensors (``model(*batch)``), a
+        dict of tensors (``model(**batch)``), a map-style Dataset of tensors,
+        tuples or dicts (read once into memory), or a
+        :class:`~pyrovae.data.DataSplits` (its train split, with ``val_data``
+        and ``transform`` defaulting to its validation split and binarisation).
     :param val_data: validation data, same forms; enables early stopping.
     :param transform: applied to each training batch, e.g.
         :func:`~pyrovae.data.dynamic_binarize`.
@@ -430,11 +677,14 @@ def fit(
     :param int patience: stop after this many epochs without a better
         validation ELBO (needs ``val_data``).
     :param int seed: seeds torch, numpy, Python and the batch order (None: don't seed).
-    :param str device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``;
-        resolved once. Module parameters and data are moved there.
-    :param run_dir: folder for checkpoints, metrics and config; None keeps nothing on disk.
+    :param str device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``,
+        ``"cuda:N"``; resolved once. Module parameters and data are moved there.
+    :param run_dir: a new (or empty) folder for checkpoints, metrics and
+        config; None keeps nothing on disk. A folder that holds files is refused.
     :param resume: a run folder to continue from (its latest checkpoint); new
-        outputs go to the same folder. A different ``lr`` takes effect on resume.
+        outputs go to the same folder. Only :data:`RESUMABLE_CHANGES` may differ
+        from the run's options; a different ``lr`` takes effect on resume. A
+        folder with no checkpoint yet (a run stopped before its first) starts over.
     :param int checkpoint_every: epochs between checkpoints (the last epoch always).
     :param bool shuffle: reshuffle the training data every epoch.
     :param bool progress: show a tqdm progress bar.
@@ -449,10 +699,10 @@ def fit(
         which is checked on the first batch of each shape; the run falls back to
         eager Pyro when the program cannot be recorded or disagrees. Needs
         ``Trace_ELBO`` and a program whose structure depends on nothing but the
-        batch's shape: no branching on Python randomness or counters. ``"auto"``
-        (default): on when this call has at least :data:`STATIC_GRAPH_MIN_STEPS`
-        steps, the ELBO is ``"trace"`` and ``validate="first"``. ``True``: on,
-        with a ``RuntimeWarning`` if it falls back. ``False``: always eager.
+        batch's shape. ``"auto"`` (default): on when this call has at least
+        :data:`STATIC_GRAPH_MIN_STEPS` steps, the ELBO is ``"trace"`` and
+        ``validate="first"``. ``True``: on, with a ``RuntimeWarning`` if it
+        falls back. ``False``: always eager.
     :param dict metadata: JSON-able extras stored in ``config.json`` (e.g. data provenance).
     :returns: :class:`FitResult`.
     :raises NonFiniteLossError: if the loss (or clipped gradient norm) is NaN or
@@ -466,14 +716,8 @@ def fit(
     >>> len(result.history), result.history[-1]["train_elbo"] < 0
     (2, True)
     """
-    if not callable(model) or not callable(guide):
-        raise TypeError(f"model and guide must be callables, got {type(model).__name__} and {type(guide).__name__}")
-    if isinstance(elbo, ELBO):
-        elbo_key, elbo_obj = "custom", elbo
-    elif isinstance(elbo, str):
-        elbo_key, elbo_obj = elbo, None
-    else:
-        raise TypeError(f"elbo must be a key of {sorted(ELBOS)} or a pyro.infer.ELBO, got {elbo!r}")
+    pair = ModelGuidePair(model, guide)
+    elbo_key, elbo_obj = _make_elbo(elbo, num_particles)
     config = FitConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
         elbo=elbo_key, num_particles=num_particles, clip_norm=clip_norm, lr_schedule=lr_schedule,
@@ -481,314 +725,43 @@ def fit(
         checkpoint_every=checkpoint_every, shuffle=shuffle, progress=progress, validate=validate,
         static_graph=static_graph,
     )
-    if elbo_obj is None:
-        elbo_obj = ELBOS[elbo_key](num_particles=num_particles, vectorize_particles=num_particles > 1)
     if config.static_graph is True and type(elbo_obj) is not Trace_ELBO:
         raise ValueError(f"static_graph=True needs elbo='trace' (Trace_ELBO), got {type(elbo_obj).__name__}")
     if transform is not None and not callable(transform):
         raise TypeError(f"transform must be callable or None, got {transform!r}")
     if metadata is not None and not isinstance(metadata, dict):
         raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
-    if isinstance(data, DataSplits):
-        if val_data is None and len(data.val):
-            val_data = data.val
-        transform = transform if transform is not None else data.batch_transform
-        metadata = {"data": data.info(), **(metadata or {})}
-        data = data.train
-    if resume is not None:
-        resume = runs._check_run_dir(resume)
-        if run_dir is not None and Path(run_dir).resolve() != resume.resolve():
-            raise ValueError(f"resume={str(resume)!r} and run_dir={str(run_dir)!r} differ; a resumed run writes to its own folder")
-        run_dir = resume
-    if config.patience is not None and val_data is None:
+    train, val, transform, metadata = _prepare_data(data, val_data, transform, metadata)
+    if config.patience is not None and val is None:
         raise ValueError("patience (early stopping) needs val_data")
-
+    folder, ckpt = _open_folder(run_dir, resume)
     group = distributed.setup(config.device)
+    try:
+        return _fit(pair, elbo_obj, config, train, val, transform, metadata, group, folder, ckpt)
+    except _Stop as stop:
+        raise KeyboardInterrupt(str(stop)) from None
+    finally:
+        group.close()
+
+
+def _fit(pair, elbo, config, train, val, transform, metadata, group, folder, ckpt) -> FitResult:
     dev = group.device
-    x_train = _as_tensor(data, "data").to(dev)
-    x_val = None if val_data is None else _as_tensor(val_data, "val_data").to(dev)
-    if x_val is not None and x_val.shape[1:] != x_train.shape[1:]:
-        raise ValueError(f"val_data has event shape {tuple(x_val.shape[1:])}, data has {tuple(x_train.shape[1:])}")
-    for _, owner in _owners(model, guide):
-        owner.to(dev)
-        if hasattr(owner, "check_data"):
-            # Check what the model will see: the transformed training data.
-            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-                owner.check_data(x_train if transform is None else transform(x_train), "data")
-            if x_val is not None:
-                owner.check_data(x_val, "val_data")
-
-    if run_dir is not None:
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-    writer = run_dir is not None and group.rank == 0  # one process writes the run folder
-
-    gen = torch.Generator()
-    if config.seed is not None:
-        pyro.set_rng_seed(config.seed + group.rank)  # ranks draw different z; rank 0 as one process
-        gen.manual_seed(config.seed)
-
-    scaler = _ScaleLatents() if config.kl_warmup_epochs > 0 else None
-    model_fn = scaler(model) if scaler else model
-    guide_fn = scaler(guide) if scaler else guide
-
-    # Collect from the unwrapped programs: their owner modules give the stable names.
-    params = _collect_params(model, guide, x_train[: min(len(x_train), config.batch_size)])
-    for name, p in params.items():
-        if p.device != dev:
-            raise ValueError(
-                f"parameter {name!r} lives on {p.device} but training runs on {dev}; "
-                "create pyro.param values from the data (e.g. x.new_zeros) or pass device="
-                f"'{p.device.type}'"
-            )
-    plist = list(params.values())
-    group.broadcast_(plist)
-    opt = OPTIMIZERS[config.optimizer](plist, lr=config.lr, weight_decay=config.weight_decay)
-    sched = LR_SCHEDULES[config.lr_schedule](opt, config.epochs) if config.lr_schedule else None
-
-    n = len(x_train)
-    n_local = n // group.world_size if group.active else n  # DistributedSampler(drop_last=True)
-    if n_local == 0:
-        raise ValueError(f"data has {n} datapoints, fewer than the {group.world_size} processes")
-    steps_per_epoch = math.ceil(n_local / config.batch_size)
-    history: list = []
-    start_epoch, start_step, global_step = 0, 0, 0
-    perm = None
-    partial = (0.0, 0)  # (loss sum, datapoints) of an interrupted epoch
-    best = {"val_elbo": None, "epoch": 0, "bad_epochs": 0}
-
-    # A run killed before its first checkpoint has nothing to resume: start it over, same folder.
-    if resume is not None and (resume / runs.MANIFEST).exists():
-        state = runs.load_checkpoint(resume)
-        restore_params(params, state["params"], source=f"checkpoint in {resume}")
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None and state.get("scheduler") is not None:
-            sched.load_state_dict(state["scheduler"])
-        saved_lr = state.get("config", {}).get("lr")
-        if saved_lr is not None and saved_lr != config.lr:  # a new lr on resume, e.g. after a divergence
-            for g in opt.param_groups:
-                g["lr"] = config.lr
-                g["initial_lr"] = config.lr
-            if sched is not None:
-                sched.base_lrs = [config.lr] * len(opt.param_groups)
-        ranks = state.get("rng_ranks") or [state["rng"]]
-        if len(ranks) != group.world_size:
-            raise CheckpointError(
-                f"checkpoint in {resume} was written by {len(ranks)} process(es); resume it with the same number, "
-                f"not {group.world_size}"
-            )
-        _set_rng_state(ranks[group.rank], gen)
-        history = list(state["history"])
-        start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
-        perm = state.get("perm")
-        partial = tuple(state.get("partial", (0.0, 0)))
-        best = dict(state["best"])
-
-    if writer:
-        write_json(run_dir / runs.CONFIG, {
-            "pyrovae_format": runs.FORMAT_VERSION,
-            "model": _model_config(model),
-            "fit": asdict(config),
-            "world_size": group.world_size,
-            "metadata": metadata or {},
-        })
-
-    def checkpoint(epoch, step, is_best=False):
-        if run_dir is None:
-            return None
-        rng_ranks = group.gather(_rng_state(gen))  # a collective: every rank takes part
-        if not writer:
-            return None
-        state = {
-            "epoch": epoch,
-            "step": step,
-            "global_step": global_step,
-            "params": {k: v.detach().cpu().clone() for k, v in params.items()},
-            "optimizer": opt.state_dict(),
-            "scheduler": None if sched is None else sched.state_dict(),
-            "rng": rng_ranks[0],
-            "rng_ranks": rng_ranks,
-            "history": history,
-            "best": best,
-            "perm": None if step == 0 or group.active else perm,
-            "partial": partial,
-            "config": asdict(config),
-        }
-        path = runs.save_checkpoint(run_dir, state, epoch=epoch, step=step, is_best=is_best)
-        _write_metrics(run_dir, history)
-        return path
-
-    static, static_off, static_steps = None, None, 0
-    steps_to_run = (config.epochs - start_epoch) * steps_per_epoch - start_step
-    if config.static_graph == "auto":
-        if type(elbo_obj) is not Trace_ELBO:
-            static_off = f"auto: the ELBO is {type(elbo_obj).__name__}, not Trace_ELBO"
-        elif config.validate != "first":
-            static_off = "auto: validate='always'"
-        elif steps_to_run < STATIC_GRAPH_MIN_STEPS:
-            static_off = f"auto: {steps_to_run} steps to run, fewer than STATIC_GRAPH_MIN_STEPS={STATIC_GRAPH_MIN_STEPS}"
-    elif not config.static_graph:
-        static_off = "static_graph=False"
-    if static_off is None:
-        buffers = [b for _, owner in _owners(model, guide) for b in owner.buffers()]
-        static = StaticStep(elbo_obj, model_fn, guide_fn, plist, identity=(model, guide, scaler is not None),
-                            buffers=buffers)
-
-    validated = [False]
-
-    def checks():
-        """The caller's validation setting for the first step, then off (validate="first")."""
-        if config.validate == "always" or not validated[0]:
-            validated[0] = True
-            return contextlib.nullcontext()
-        return pyro.validation_enabled(False)
-
-    def kl_weight():
-        if scaler is None:
-            return 1.0
-        return min(1.0, (global_step + 1) / (config.kl_warmup_epochs * steps_per_epoch))
-
-    def validate():
-        if x_val is None:
-            return None
-        if scaler is not None:
-            scaler.factor = 1.0
-        total = 0.0
-        with torch.no_grad(), checks():
-            for i in range(0, len(x_val), config.batch_size):
-                xb = x_val[i : i + config.batch_size]
-                total += float(elbo_obj.differentiable_loss(model_fn, guide_fn, xb))
-        # Every rank scores the whole validation set; the mean makes all ranks agree.
-        return -group.sum([total])[0] / group.world_size / len(x_val)
-
-    from tqdm.auto import tqdm
-
-    stopped_early = False
-    last_good = None
-    bar = tqdm(total=config.epochs, initial=start_epoch, desc="epochs", unit="epoch",
-               disable=not config.progress, dynamic_ncols=True)
-    with _Interrupt() as interrupt, bar:
-        for epoch in range(start_epoch, config.epochs):
-            t0 = time.perf_counter()
-            if group.active:
-                perm = group.shard(n, epoch, config.seed or 0, config.shuffle)
-            if start_step == 0 or perm is None:
-                if not group.active:
-                    perm = torch.randperm(n, generator=gen) if config.shuffle else torch.arange(n)
-                loss_sum, count = 0.0, 0
-            else:
-                loss_sum, count = partial
-            for step in range(start_step, steps_per_epoch):
-                idx = perm[step * config.batch_size : (step + 1) * config.batch_size].to(dev)
-                xb = x_train.index_select(0, idx)
-                if transform is not None:
-                    xb = transform(xb)
-                if scaler is not None:
-                    scaler.factor = kl_weight()
-                out = None
-                # The first step runs eagerly under the caller's validation; KL warm-up changes a
-                # Python scale factor every step, so a recorded step waits for it to reach 1.
-                if static is not None and validated[0] and (scaler is None or scaler.factor == 1.0):
-                    out = static(xb)
-                    static_steps += out is not None
-                    if static.failure is not None:
-                        static, static_off = None, static.failure
-                        if config.static_graph is True:
-                            warnings.warn(f"static_graph=True: {static_off}; training eagerly", RuntimeWarning, stacklevel=2)
-                if out is None:
-                    with checks():
-                        loss = elbo_obj.differentiable_loss(model_fn, guide_fn, xb)
-                    grads = None
-                else:
-                    loss, grads = out
-                value = loss.item()
-                if group.active:  # one all_reduce: the global loss and any rank's Ctrl-C
-                    value, stop_requested = group.sum([value, float(interrupt.requested)])
-                    interrupt.requested = stop_requested > 0
-                if not math.isfinite(value):
-                    raise NonFiniteLossError(_diverged_message("loss", value, epoch, step, global_step, run_dir, last_good))
-                opt.zero_grad(set_to_none=True)
-                if grads is None:
-                    loss.backward()
-                else:
-                    for p, g in zip(plist, grads):
-                        p.grad = g
-                group.average_grads_(plist)
-                if config.clip_norm is not None:
-                    norm = float(torch.nn.utils.clip_grad_norm_(plist, config.clip_norm))
-                    if not math.isfinite(norm):
-                        raise NonFiniteLossError(_diverged_message("gradient norm", norm, epoch, step, global_step, run_dir, last_good))
-                opt.step()
-                global_step += 1
-                loss_sum += value
-                count += len(xb) * group.world_size
-                if interrupt.requested and step < steps_per_epoch - 1:
-                    bar.close()
-                    partial = (loss_sum, count)
-                    path = checkpoint(epoch, step + 1)
-                    group.close()
-                    raise KeyboardInterrupt(
-                        f"interrupted at epoch {epoch + 1}, step {step + 1}"
-                        + (f"; checkpoint written to {path}; resume with fit(..., resume={str(run_dir)!r}) "
-                           f"or `pyrovae train --resume {run_dir}`" if path else "; no run_dir, nothing saved")
-                    )
-            start_step = 0
-            partial = (0.0, 0)
-            val = validate()
-            if sched is not None:
-                sched.step()
-            history.append({
-                "epoch": epoch + 1,
-                "train_elbo": -loss_sum / count,
-                "val_elbo": val,
-                "kl_weight": kl_weight() if scaler else 1.0,
-                "lr": opt.param_groups[0]["lr"],
-                "seconds": time.perf_counter() - t0,
-            })
-            bar.update(1)
-            bar.set_postfix(train_elbo=f"{history[-1]['train_elbo']:.2f}",
-                            **({} if val is None else {"val_elbo": f"{val:.2f}"}))
-            is_best = False
-            if val is not None:
-                if best["val_elbo"] is None or val > best["val_elbo"]:
-                    best.update(val_elbo=val, epoch=epoch + 1, bad_epochs=0)
-                    is_best = True
-                else:
-                    best["bad_epochs"] += 1
-            last_epoch = epoch + 1 == config.epochs
-            stop = config.patience is not None and best["bad_epochs"] >= config.patience
-            if (epoch + 1) % config.checkpoint_every == 0 or last_epoch or stop or interrupt.requested:
-                last_good = checkpoint(epoch + 1, 0, is_best=is_best or (val is None))
-            if interrupt.requested and not last_epoch:
-                raise KeyboardInterrupt(
-                    f"interrupted after epoch {epoch + 1}; checkpoint written to {last_good}; "
-                    f"resume with fit(..., resume={str(run_dir)!r})" if last_good else
-                    f"interrupted after epoch {epoch + 1}; no run_dir, nothing saved"
-                )
-            if stop:
-                stopped_early = True
-                break
-
-    group.close()
-    return FitResult(
-        history=tuple(history),
-        best_epoch=best["epoch"] or (history[-1]["epoch"] if history else 0),
-        stopped_early=stopped_early,
-        run_dir=run_dir,
-        device=str(dev),
-        params={k: v.detach() for k, v in params.items()},
-        rank=group.rank,
-        world_size=group.world_size,
-        static_graph=static is not None and static_steps > 0,
-        static_graph_off=static_off,
-    )
-
-
-def _diverged_message(what, value, epoch, step, global_step, run_dir, last_good):
-    msg = (f"{what} became {value} at epoch {epoch + 1}, step {step + 1} (global step {global_step + 1}); "
-           "the parameters were not updated with it")
-    if run_dir is not None:
-        where = last_good or "the latest checkpoint in the run folder"
-        msg += (f". The last good checkpoint is kept ({where}); resume with a lower learning rate: "
-                f"fit(..., resume={str(run_dir)!r}, lr=...)")
-    return msg + ". Common causes: a learning rate too high, data outside the likelihood's support."
+    train.to(dev)
+    if val is not None:
+        val.to(dev)
+    pair.to(dev)
+    # Check what the model will see: the transformed training data.
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        args, kwargs = batch_arguments(train.structure if transform is None else transform(train.structure))
+        pair.check_data(args, kwargs, "data")
+    if val is not None:
+        pair.check_data(*batch_arguments(val.structure), "val_data")
+    trainer = Trainer(pair, elbo, config, train, val, group=group, folder=folder, transform=transform)
+    if ckpt is not None:
+        trainer.restore(ckpt)
+    if trainer.writer:
+        config_json = {"pyrovae_format": 2, "pair": pair.describe(), "fit": asdict(config),
+                       "elbo": {"class": type(elbo).__name__, "num_particles": elbo.num_particles},
+                       "world_size": group.world_size, "metadata": metadata or {}}
+        folder.commit(files={CONFIG: json_bytes(config_json)}, remove=EVALUATION_FILES if ckpt is not None else ())
+    return trainer.run()

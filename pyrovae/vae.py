@@ -31,7 +31,8 @@ _MAX_PARAMETERS = 2**31
 class VAEConfig:
     """Everything needed to rebuild a :class:`VAE` (stored as JSON in run folders).
 
-    :param tuple event_shape: shape of one datapoint, e.g. ``(1, 28, 28)``.
+    :param tuple event_shape: shape of one datapoint, e.g. ``(1, 28, 28)``; None
+        in a job's configuration, where the data decides it (:meth:`for_data`).
     :param int latent_dim: size of z.
     :param str network: ``"mlp"`` or ``"conv"`` (keys of :data:`pyrovae.nn.NETWORKS`).
     :param tuple hidden: hidden widths of the MLP networks.
@@ -43,7 +44,7 @@ class VAEConfig:
         ``pyro.module``; give two VAEs living in one param store different names.
     """
 
-    event_shape: Tuple[int, ...]
+    event_shape: Optional[Tuple[int, ...]]
     latent_dim: int = 10
     network: str = "mlp"
     hidden: Tuple[int, ...] = (400,)
@@ -55,7 +56,8 @@ class VAEConfig:
 
     def __post_init__(self):
         # Normalise lists from JSON back to tuples, then validate eagerly.
-        object.__setattr__(self, "event_shape", _check_shape("event_shape", self.event_shape))
+        if self.event_shape is not None:
+            object.__setattr__(self, "event_shape", _check_shape("event_shape", self.event_shape))
         object.__setattr__(self, "hidden", tuple(self.hidden))
         _check_positive_int("latent_dim", self.latent_dim)
         _check_positive_int("channels", self.channels)
@@ -73,7 +75,7 @@ class VAEConfig:
             raise ValueError(f"beta must be a positive finite float, got {self.beta!r}")
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty str, got {self.name!r}")
-        size = self.approx_num_parameters()
+        size = 0 if self.event_shape is None else self.approx_num_parameters()
         if size > _MAX_PARAMETERS:
             raise ValueError(
                 f"this VAE would have about {size:.3g} parameters (event_shape={self.event_shape}, "
@@ -92,6 +94,10 @@ class VAEConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def for_data(self, event_shape) -> "VAEConfig":
+        """This configuration for datapoints of shape ``event_shape``."""
+        return dataclasses.replace(self, event_shape=tuple(event_shape))
 
 
 class VAE(PyroModule):
@@ -119,6 +125,8 @@ class VAE(PyroModule):
             config = VAEConfig(event_shape, **kwargs)
         elif event_shape is not None or kwargs:
             raise TypeError("pass either config= or event_shape and options, not both")
+        if config.event_shape is None:
+            raise ValueError("the VAE needs an event_shape: pass it, or use config.for_data(shape)")
         self.config = config
         self.likelihood = get_likelihood(config.likelihood, **config.likelihood_options)
         encoder_cls, decoder_cls = NETWORKS[config.network]
@@ -138,6 +146,10 @@ class VAE(PyroModule):
     @property
     def latent_dim(self) -> int:
         return self.config.latent_dim
+
+    def describe(self) -> dict:
+        """What a run folder's ``config.json`` records to rebuild this VAE."""
+        return {"type": "VAE", "config": self.config.to_dict()}
 
     def _check_x(self, x, name="x"):
         if not isinstance(x, torch.Tensor):

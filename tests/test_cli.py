@@ -27,8 +27,10 @@ def test_train_writes_a_complete_run_folder(run):
 
 def test_evaluate_sample_reconstruct(run, capsys):
     assert main(["evaluate", str(run), "--num-particles", "20", "--limit", "30", "--device", "cpu"]) == 0
-    result = json.loads((run / "evaluation.json").read_text())
+    result = json.loads((run / "evaluate" / "evaluation.json").read_text())
     assert result["num_datapoints"] == 30 and result["num_particles"] == 20
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert result["checkpoint"] == manifest["latest"], "the evaluation names the checkpoint it scored"
     assert main(["sample", str(run), "--num", "4", "--out", str(run / "s.png"), "--device", "cpu"]) == 0
     assert main(["reconstruct", str(run), "--num", "4", "--out", str(run / "r.png"), "--device", "cpu"]) == 0
     assert (run / "s.png").stat().st_size > 0 and (run / "r.png").stat().st_size > 0

@@ -1,5 +1,6 @@
 """Kill a training run at random moments and resume; the result must equal an uninterrupted run."""
 
+import json
 import os
 import random
 import signal
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyrovae.runs import MANIFEST, load_checkpoint, read_manifest
+from pyrovae.runs import MANIFEST, RunFolder, load_checkpoint, read_manifest
 
 JOB = ["--subset", "200", "--hidden", "16", "--latent-dim", "2", "--epochs", "60", "--eval-particles", "0",
        "--no-progress", "--device", "cpu", "--seed", "3"]
@@ -79,9 +80,11 @@ def reference(tmp_path_factory):
 
 
 def _assert_same_params(a, b):
-    assert a["epoch"] == b["epoch"] == 60
-    for name in a["params"]:
-        assert torch.equal(a["params"][name], b["params"][name]), name
+    assert a.epoch == b.epoch == 60
+    for name in a.params:
+        assert torch.equal(a.params[name], b.params[name]), name
+    for name in a.buffers:
+        assert torch.equal(a.buffers[name], b.buffers[name]), name
 
 
 def test_sigkill_at_random_moments_then_resume(reference, tmp_path):
@@ -98,7 +101,7 @@ def test_sigkill_at_random_moments_then_resume(reference, tmp_path):
         _wait_for_pause(p, moment)
         _kill(p, signal.SIGKILL)
         state = load_checkpoint(run_dir)  # the folder always loads after a kill
-        epochs_seen.append(state["epoch"])
+        epochs_seen.append(state.epoch)
         nxt = moments[i + 1] if i + 1 < len(moments) else None
         p = _train("--resume", str(run_dir), "--no-progress", pause=nxt)
     out, err = p.communicate(timeout=300)
@@ -114,7 +117,7 @@ def test_ctrl_c_writes_a_checkpoint_and_says_how_to_resume(reference, tmp_path):
     _wait_for_pause(p, moment)
     out, err = _kill(p, signal.SIGINT)
     assert p.returncode == 130 and "resume with" in err, (p.returncode, err)
-    assert 0 < load_checkpoint(run_dir)["step"] < STEPS_PER_EPOCH, "the checkpoint holds the position within the epoch"
+    assert 0 < load_checkpoint(run_dir).step < STEPS_PER_EPOCH, "the checkpoint holds the position within the epoch"
     p = _train("--resume", str(run_dir), "--no-progress")
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
@@ -123,11 +126,14 @@ def test_ctrl_c_writes_a_checkpoint_and_says_how_to_resume(reference, tmp_path):
 
 WRITER = """
 import sys, torch
-from pyrovae.runs import save_checkpoint
+from pyrovae.runs import Checkpoint, RunFolder, json_bytes
+folder = RunFolder(sys.argv[1])
 i = 0
 while True:
     i += 1
-    save_checkpoint(sys.argv[1], {"epoch": i, "params": {"w": torch.full((1_000_000,), float(i))}}, epoch=i, is_best=i % 3 == 0)
+    ckpt = Checkpoint(epoch=i, step=0, global_step=i, params={"w": torch.full((1_000_000,), float(i))}, buffers={},
+                      optimizer={"state": {}, "param_groups": []}, scheduler=None, rng_ranks=[], history=[], best={})
+    folder.commit(checkpoint=ckpt, is_best=i % 3 == 0, files={"metrics.csv": json_bytes({"epoch": i})})
 """
 
 
@@ -142,11 +148,13 @@ def test_sigkill_while_checkpoints_are_being_written(tmp_path):
         p.kill()
         p.wait()
         state = load_checkpoint(tmp_path)  # never torn: checksum and contents agree
-        w = state["params"]["w"]
-        assert torch.equal(w, torch.full_like(w, float(state["epoch"])))
-        best = read_manifest(tmp_path)["best"]  # None until a best exists
+        w = state.params["w"]
+        assert torch.equal(w, torch.full_like(w, float(state.epoch)))
+        manifest = read_manifest(tmp_path)
+        assert json.loads(RunFolder(tmp_path).read_bytes("metrics.csv"))["epoch"] == state.epoch  # published together
+        best = manifest["best"]  # None until a best exists
         if best is not None:
-            assert best["epoch"] % 3 == 0 and load_checkpoint(tmp_path, "best")["epoch"] == best["epoch"]
+            assert best["epoch"] % 3 == 0 and load_checkpoint(tmp_path, "best").epoch == best["epoch"]
         assert len(list(tmp_path.glob("checkpoint-*.pt"))) <= 3  # latest, best, and at most one being written
-        last = state["epoch"]
+        last = state.epoch
     assert last > 0

@@ -13,6 +13,7 @@ from torch import nn
 from pyrovae import VAE, fit, load_dataset
 from pyrovae import static as static_module
 from pyrovae import train as train_module
+from pyrovae.pair import ModelGuidePair
 from pyrovae.static import StaticStep, loss_and_surrogate
 
 from .common import load_example
@@ -174,7 +175,7 @@ def test_hidden_python_state_is_caught_when_it_shows_on_the_checked_batch():
     x = torch.randn(32, 3)
     elbo = Trace_ELBO()
     elbo.differentiable_loss(model, guide, x)
-    step = StaticStep(elbo, model, guide, list(net.parameters()), identity=(model, guide))
+    step = StaticStep(elbo, model, guide, list(net.parameters()), pair=ModelGuidePair(model, guide))
     loss, grads = step(x)
     assert step.failure is not None and "differs from eager" in step.failure, step.failure
     assert step(x) is None  # eager from then on
@@ -194,7 +195,7 @@ def test_batchnorm_updates_refuse_recording_and_leave_statistics_untouched():
     elbo = Trace_ELBO()
     elbo.differentiable_loss(model, guide, x)
     before = [b.clone() for b in encoder.buffers()]
-    step = StaticStep(elbo, model, guide, list(encoder.parameters()), identity=(model, guide),
+    step = StaticStep(elbo, model, guide, list(encoder.parameters()), pair=ModelGuidePair(model, guide),
                       buffers=list(encoder.buffers()))
     assert step(x) is None and "in place" in step.failure, step.failure
     for a, b in zip(before, encoder.buffers()):
@@ -290,7 +291,7 @@ def test_a_parameter_read_as_a_copy_is_refused():
     for fn, ok in ((model, True), (copying_model, False)):
         elbo = Trace_ELBO()
         elbo.differentiable_loss(fn, guide, x)
-        step = StaticStep(elbo, fn, guide, [w], identity=(fn, guide))
+        step = StaticStep(elbo, fn, guide, [w], pair=ModelGuidePair(fn, guide))
         result = step(x)
         assert (result is not None) == ok, step.failure
     assert "reads a tensor's value into Python (Tensor.tolist)" in step.failure, step.failure

@@ -1,0 +1,57 @@
+"""Every use of Pyro's and torch's private API, in one place.
+
+Each helper here names what it relies on. ``tests/test_compat.py`` exercises
+every one of them against the installed versions and fails with those versions
+named when one breaks; :data:`TESTED` records the versions they were checked on.
+``pyproject.toml`` bounds the dependencies to the tested major versions.
+"""
+
+from typing import Optional, Tuple
+
+import pyro
+import torch
+
+__all__ = ["TESTED", "split_module_param_name", "trace_elbo_log_r", "get_elbo_traces", "make_fx"]
+
+#: versions on which every helper below was checked
+TESTED = {"pyro-ppl": ("1.9.1", "1.9.2"), "torch": ("2.11", "2.13")}
+
+# pyro.module registers a module's parameters as "<module name>$$$<parameter path>".
+from pyro.params.param_store import module_from_param_with_module_name as _module_of  # noqa: E402
+from pyro.params.param_store import user_param_name as _user_name  # noqa: E402
+
+
+def split_module_param_name(store_name: str) -> Tuple[Optional[str], str]:
+    """``("encoder", "net.0.weight")`` for a parameter that ``pyro.module("encoder", ...)``
+    registered, ``(None, store_name)`` for a plain ``pyro.param``."""
+    module = _module_of(store_name)
+    if module is None or module == store_name:
+        return None, store_name
+    return module, _user_name(store_name)
+
+
+def get_elbo_traces(elbo, model, guide, args, kwargs):
+    """The (model trace, guide trace) pairs an ELBO draws, one per particle (``ELBO._get_traces``)."""
+    return elbo._get_traces(model, guide, args, kwargs)
+
+
+def trace_elbo_log_r(model_trace, guide_trace):
+    """The score-function baseline term of Trace_ELBO (``pyro.infer.trace_elbo._compute_log_r``)."""
+    from pyro.infer.trace_elbo import _compute_log_r
+
+    return _compute_log_r(model_trace, guide_trace)
+
+
+def make_fx(fn, tracing_mode: str = "real"):
+    """Record ``fn`` as an FX graph of ATen operations (``torch.fx.experimental.proxy_tensor.make_fx``).
+
+    Imported on first use: the module is slow to import.
+    """
+    from torch.fx.experimental.proxy_tensor import make_fx as _make_fx
+
+    return _make_fx(fn, tracing_mode=tracing_mode)
+
+
+def versions() -> str:
+    """The installed versions, for messages that say which versions broke."""
+    return f"pyro-ppl {pyro.__version__}, torch {torch.__version__}"
