@@ -136,12 +136,13 @@ class ModelGuidePair:
         """Run the guide, then the model on the guide's draws, once, to find parameters and modules.
 
         Runs without gradients and with every network in eval mode, so nothing
-        is trained and no BatchNorm statistic moves.
+        is trained and no BatchNorm statistic moves. Keeps the two traces
+        (:attr:`model_trace`, :attr:`guide_trace`) for structural checks.
         """
         with torch.no_grad(), _CalledModules() as called, poutine.trace(param_only=True) as capture:
             try:
                 guide_trace = poutine.trace(self.guide).get_trace(*args, **kwargs)
-                poutine.replay(self.model, trace=guide_trace)(*args, **kwargs)
+                model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(*args, **kwargs)
             except TypeError as e:
                 if len(args) + len(kwargs) < 2:
                     raise
@@ -153,6 +154,8 @@ class ModelGuidePair:
                     "they take"
                 ) from e
         self._called = called.modules
+        self.model_trace, self.guide_trace = model_trace, guide_trace
+        self.has_param_sites = bool(capture.trace.nodes)
         self._params, self._named_modules = self._name_tensors(capture.trace)
 
     def _name_tensors(self, param_trace):

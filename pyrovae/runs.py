@@ -343,7 +343,8 @@ class RunFolder:
             if not _FILE_NAME.match(name) or ".." in name:
                 raise ValueError(f"file name {name!r} must be a plain name, at most one folder down")
             (self.path / name).parent.mkdir(exist_ok=True)
-            pending[name] = _write_temporary(self.path / name, data).relative_to(self.path).as_posix()
+            tmp = _write_temporary(self.path / name, data)
+            pending[name] = (Path(name).parent / tmp.name).as_posix()
             manifest["files"][name] = _sha256(data)
         written = None
         if checkpoint is not None:

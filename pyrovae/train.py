@@ -30,7 +30,8 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import pyro
-from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.poutine.util import site_is_subsample
+from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO, TraceTailAdaptive_ELBO
 
 from . import distributed, rng
 from ._checks import check_bool, check_choice, check_float, check_int, check_seed
@@ -133,7 +134,9 @@ class FitResult:
 
     :ivar history: one dict per completed epoch with ``epoch``, ``train_elbo``
         and ``val_elbo`` (nats per datapoint, higher is better; ``val_elbo`` is
-        None without validation data), ``kl_weight``, ``lr`` and ``seconds``.
+        None without validation data). ``train_elbo`` is the estimator's own
+        objective (the Rényi bound for ``RenyiELBO``, the IWAE-K bound for
+        ``"iwae"``), None for ``TraceTailAdaptive_ELBO``, which has no loss value; ``kl_weight``, ``lr`` and ``seconds``.
     :ivar best_epoch: epoch (1-based) of the best validation ELBO, or the last epoch.
     :ivar stopped_early: True if early stopping ended the run.
     :ivar run_dir: the run folder, or None.
@@ -270,6 +273,114 @@ def _metrics_csv(history) -> bytes:
     return buf.getvalue().encode()
 
 
+#: a parameter site that makes Pyro's ``loss_and_grads`` run its backward pass for pairs
+#: whose networks live only in an ``nn.Module`` (RenyiELBO skips it without param sites)
+_ANCHOR = "_pyrovae_backward_anchor"
+
+
+def _anchored(fn):
+    def program(*args, **kwargs):
+        pyro.param(_ANCHOR, lambda: torch.zeros(()))
+        return fn(*args, **kwargs)
+
+    return program
+
+
+class Objective:
+    """Loss and gradients from any Pyro ELBO, and the estimator validation reports.
+
+    * ELBOs with ``differentiable_loss`` (``Trace_ELBO``, ``TraceMeanField_ELBO``,
+      ``TraceEnum_ELBO``, ``TraceTMC_ELBO``, pyrovae's ``IWAE``): the loss is differentiated.
+    * ELBOs with ``loss_and_grads`` only (``TraceGraph_ELBO``, ``RenyiELBO``):
+      that method runs the backward pass; a pair without Pyro param sites gets
+      an anchor site so that ``RenyiELBO`` does not skip it.
+    * ``TraceTailAdaptive_ELBO`` estimates gradients without a loss: the
+      training objective is not reported (None) and validation reports
+      ``Trace_ELBO`` with the same particles.
+    * An ELBO with ``loss_and_param_grads`` (pyrovae's ``IWAE(dreg=True)``)
+      returns its own gradients.
+
+    :param elbo: the Pyro ELBO.
+    :param ModelGuidePair pair: discovered programs.
+    """
+
+    def __init__(self, elbo: ELBO, pair: ModelGuidePair):
+        self.elbo = elbo
+        if hasattr(elbo, "loss_and_param_grads"):
+            self.kind = "grads"
+        elif isinstance(elbo, TraceTailAdaptive_ELBO):
+            self.kind = "surrogate"
+        elif hasattr(type(elbo), "differentiable_loss"):
+            self.kind = "differentiable"
+        else:
+            self.kind = "backward"
+        self.anchor = self.kind == "backward" and not pair.has_param_sites
+        self.validation_elbo = elbo if self.kind != "surrogate" else Trace_ELBO(
+            num_particles=elbo.num_particles, vectorize_particles=elbo.vectorize_particles)
+
+    @property
+    def reports_loss(self) -> bool:
+        """False where the estimator has no loss value (``TraceTailAdaptive_ELBO``)."""
+        return self.kind != "surrogate"
+
+    def wrap(self, guide):
+        return _anchored(guide) if self.anchor else guide
+
+    def loss_and_grads(self, model, guide, params: List[torch.Tensor], args, kwargs):
+        """``(loss, grads)``: a 0-d tensor, and the gradients (None: differentiate ``loss``)."""
+        if self.kind == "grads":
+            return self.elbo.loss_and_param_grads(model, guide, params, *args, **kwargs)
+        if self.kind == "backward":
+            for p in params:
+                p.grad = None
+            loss = self.elbo.loss_and_grads(model, guide, *args, **kwargs)
+            return torch.as_tensor(float(loss)), [p.grad for p in params]
+        return self.elbo.differentiable_loss(model, guide, *args, **kwargs), None
+
+    def validation_loss(self, model, guide, args, kwargs) -> float:
+        return float(self.validation_elbo.loss(model, guide, *args, **kwargs))
+
+    def describe(self) -> dict:
+        """The ELBO's class and options, as ``config.json`` records them (a resume must match)."""
+        # max_plate_nesting is guessed by Pyro on the first call: not an option of the objective
+        options = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
+                   for k, v in vars(self.elbo).items() if not k.startswith("_") and k != "max_plate_nesting"
+                   and isinstance(v, (int, float, bool, str, type(None)))}
+        return {"class": type(self.elbo).__name__, **options}
+
+
+def check_structure(pair: ModelGuidePair, batch_size: int, num_data: int) -> None:
+    """Refuse, before the first step, programs whose objective would be silently wrong.
+
+    * a model with no observed site (the ELBO would not involve the data);
+    * with batches smaller than the data: observations outside every plate, or
+      latents outside every plate while the observations' plate is not scaled
+      to the whole data (the minibatch objective is then biased).
+    """
+    observed = [(n, s) for n, s in pair.model_trace.nodes.items() if s["type"] == "sample" and s["is_observed"]]
+    if not observed:
+        raise ValueError("the model has no observed sample site (pyro.sample(..., obs=...)): the ELBO would not "
+                         "involve the data. Observe the data in the model; check that every tensor of the batch "
+                         "reaches the programs")
+    if batch_size >= num_data:
+        return
+    fix = ("put the observations in pyro.plate('data', N, subsample=batch_indices) or pyro.plate('data', N, "
+           "subsample_size=...), where N is the size of the whole data, or scale them with poutine.scale(scale=N / "
+           f"batch_size); or train with batch_size >= {num_data}")
+    outside = [n for n, s in observed if not s["cond_indep_stack"]]
+    if outside:
+        raise ValueError(f"observed sites {outside} lie outside every plate, but batches hold {batch_size} of the "
+                         f"{num_data} datapoints: each step would weigh a batch as if it were all the data, a "
+                         f"biased objective. To fix it, {fix}")
+    global_latents = [n for n, s in pair.model_trace.nodes.items() if s["type"] == "sample" and not s["is_observed"]
+                      and not site_is_subsample(s) and not s["cond_indep_stack"] and not s["infer"].get("_deterministic")]
+    unscaled = [n for n, s in observed if float(s["scale"]) == 1.0]
+    if global_latents and unscaled:
+        raise ValueError(f"latent sites {global_latents} lie outside every plate and the observations {unscaled} are "
+                         f"not scaled to the {num_data} datapoints while batches hold {batch_size}: the prior would "
+                         f"count once per batch, a biased objective. To fix it, {fix}")
+
+
 class Trainer:
     """The phases of one :func:`fit` call over a model/guide pair.
 
@@ -298,6 +409,9 @@ class Trainer:
         self.steps_per_epoch = math.ceil(self.n_local / config.batch_size)
         self.example = data.head(min(n, 2))
         self.state = self._initial_state()
+        check_structure(pair, config.batch_size, n)
+        self.objective = Objective(elbo, pair)
+        self.guide = self.objective.wrap(self.guide)
         self.static: Optional[StaticStep] = None
         self.static_off: Optional[str] = None
         self.static_steps = 0
@@ -334,6 +448,10 @@ class Trainer:
         if changed:
             raise ValueError(f"a resumed run keeps its objective and batch order; these options differ from the "
                              f"run's and cannot change: {', '.join(f'{k} ({ckpt.fit[k]!r} -> {getattr(self.config, k)!r})' for k in changed)}")
+        saved_elbo = ckpt.fit.get("elbo_spec")
+        if saved_elbo is not None and saved_elbo != self.objective.describe():
+            raise ValueError(f"a resumed run keeps its objective: the run used {saved_elbo}, this call "
+                             f"{self.objective.describe()}")
         if self.config.epochs < ckpt.epoch:
             raise ValueError(f"epochs={self.config.epochs} is fewer than the {ckpt.epoch} epochs the run has done; "
                              f"pass epochs >= {ckpt.epoch} (the total, not the number to add)")
@@ -392,17 +510,21 @@ class Trainer:
                 return out
         args, kwargs = batch_arguments(batch)
         with self._checks():
-            loss = self.elbo.differentiable_loss(self.model, self.guide, *args, **kwargs)
+            out = self.objective.loss_and_grads(self.model, self.guide, list(self.state.params.values()), args, kwargs)
         self._validated = True
-        return loss, None
+        return out
 
     def step(self, batch) -> float:
-        """One optimiser step on ``batch``; returns the batch's loss (negative ELBO, summed)."""
+        """One optimiser step on ``batch``; returns the batch's loss (negative objective, summed).
+
+        An estimator without a loss value (``TraceTailAdaptive_ELBO``) returns 0.0,
+        and its gradient norm stands in for the loss in the check for divergence.
+        """
         state, plist = self.state, list(self.state.params.values())
         if self.scaler is not None:
             self.scaler.factor = self.kl_weight()
         loss, grads = self._loss_and_grads(batch)
-        value = loss.item()
+        value = loss.item() if self.objective.reports_loss else 0.0
         if not math.isfinite(value):
             raise NonFiniteLossError(self._diverged("loss", value))
         state.optimizer.zero_grad(set_to_none=True)
@@ -412,8 +534,8 @@ class Trainer:
             for p, g in zip(plist, grads):
                 p.grad = g
         self.group.average_grads_(plist)
-        if self.config.clip_norm is not None:
-            norm = float(torch.nn.utils.clip_grad_norm_(plist, self.config.clip_norm))
+        if self.config.clip_norm is not None or not self.objective.reports_loss:
+            norm = float(torch.nn.utils.clip_grad_norm_(plist, self.config.clip_norm or math.inf))
             if not math.isfinite(norm):
                 raise NonFiniteLossError(self._diverged("gradient norm", norm))
         state.optimizer.step()
@@ -452,7 +574,7 @@ class Trainer:
                 path = self.save()
                 raise _Stop(f"interrupted at epoch {state.epoch + 1}, step {step + 1}" + self._resume_hint(path))
         state.epoch, state.step, state.partial = state.epoch + 1, 0, (0.0, 0)
-        return -loss_sum / count
+        return -loss_sum / count if self.objective.reports_loss else None
 
     @torch.no_grad()
     def validate(self) -> Optional[float]:
@@ -466,7 +588,7 @@ class Trainer:
             for i in range(0, n, self.config.batch_size):
                 args, kwargs = batch_arguments(self.val_data.take(torch.arange(i, min(i + self.config.batch_size, n),
                                                                                device=self.val_data.device)))
-                total += float(self.elbo.loss(self.model, self.guide, *args, **kwargs))
+                total += self.objective.validation_loss(self.model, self.guide, args, kwargs)
         # Every rank scores the whole validation set; the mean makes all ranks agree.
         return -self.group.sum([total])[0] / self.group.world_size / n
 
@@ -477,13 +599,14 @@ class Trainer:
         rng_ranks = self.group.gather(rng.capture(self.state.generator))  # every rank takes part
         if not self.writer:
             return None
-        ckpt = self.state.to_checkpoint(rng_ranks=rng_ranks, fit=asdict(self.config), example=_cpu(self.example),
+        fit_options = {**asdict(self.config), "elbo_spec": self.objective.describe()}
+        ckpt = self.state.to_checkpoint(rng_ranks=rng_ranks, fit=fit_options, example=_cpu(self.example),
                                         keep_perm=not self.group.active)
         return self.folder.commit(checkpoint=ckpt, is_best=is_best,
                                   files={"metrics.csv": _metrics_csv(self.state.history)})
 
     # ------------------------------------------------------------------ the loop
-    def _end_epoch(self, train_elbo: float, seconds_from: float) -> Tuple[bool, bool]:
+    def _end_epoch(self, train_elbo: Optional[float], seconds_from: float) -> Tuple[bool, bool]:
         """Validate, schedule, record, checkpoint; returns (is_best, stop early)."""
         state, config = self.state, self.config
         val = self.validate()
@@ -519,8 +642,7 @@ class Trainer:
                 is_best, stop = self._end_epoch(self.run_epoch(interrupt), t0)
                 row = state.history[-1]
                 bar.update(1)
-                bar.set_postfix(train_elbo=f"{row['train_elbo']:.2f}",
-                                **({} if row["val_elbo"] is None else {"val_elbo": f"{row['val_elbo']:.2f}"}))
+                bar.set_postfix({k: f"{row[k]:.2f}" for k in ("train_elbo", "val_elbo") if row[k] is not None})
                 last = state.epoch == config.epochs
                 if state.epoch % config.checkpoint_every == 0 or last or stop or interrupt.requested:
                     self.last_good = self.save(is_best=is_best)
@@ -757,11 +879,22 @@ def _fit(pair, elbo, config, train, val, transform, metadata, group, folder, ckp
     if val is not None:
         pair.check_data(*batch_arguments(val.structure), "val_data")
     trainer = Trainer(pair, elbo, config, train, val, group=group, folder=folder, transform=transform)
+    if trainer.objective.anchor:
+        try:
+            return _train(trainer, pair, config, metadata, group, folder, ckpt)
+        finally:
+            store = pyro.get_param_store()
+            if _ANCHOR in store:
+                del store[_ANCHOR]
+    return _train(trainer, pair, config, metadata, group, folder, ckpt)
+
+
+def _train(trainer, pair, config, metadata, group, folder, ckpt) -> FitResult:
     if ckpt is not None:
         trainer.restore(ckpt)
     if trainer.writer:
         config_json = {"pyrovae_format": 2, "pair": pair.describe(), "fit": asdict(config),
-                       "elbo": {"class": type(elbo).__name__, "num_particles": elbo.num_particles},
+                       "elbo": trainer.objective.describe(),
                        "world_size": group.world_size, "metadata": metadata or {}}
         folder.commit(files={CONFIG: json_bytes(config_json)}, remove=EVALUATION_FILES if ckpt is not None else ())
     return trainer.run()
