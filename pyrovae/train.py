@@ -739,7 +739,7 @@ def fit(
     model: Callable,
     guide: Callable,
     data,
-    *,
+    *more_data,
     val_data=None,
     transform: Optional[Callable] = None,
     epochs: int = 10,
@@ -780,6 +780,8 @@ def fit(
         tuples or dicts (read once into memory), or a
         :class:`~pyrovae.data.DataSplits` (its train split, with ``val_data``
         and ``transform`` defaulting to its validation split and binarisation).
+    :param more_data: further tensors of the same batch, as Pyro's ``svi.step(xs, ys)``
+        takes them: ``fit(model, guide, xs, ys)`` is ``fit(model, guide, (xs, ys))``.
     :param val_data: validation data, same forms; enables early stopping.
     :param transform: applied to each training batch, e.g.
         :func:`~pyrovae.data.dynamic_binarize`.
@@ -839,6 +841,11 @@ def fit(
     (2, True)
     """
     pair = ModelGuidePair(model, guide)
+    if more_data:
+        if isinstance(data, DataSplits) or not all(hasattr(t, "shape") for t in (data, *more_data)):
+            raise TypeError("several data arguments must all be tensors or arrays (the programs' arguments); "
+                            "pass a Dataset or DataSplits alone")
+        data = (data, *more_data)
     elbo_key, elbo_obj = _make_elbo(elbo, num_particles)
     config = FitConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
