@@ -576,3 +576,103 @@ def _stack_dataset(dataset, name: str):
         return tuple(torch.stack([torch.as_tensor(it[j]) for it in items]) for j in range(len(first)))
     x = torch.stack([torch.as_tensor(it) for it in items])
     return x if x.is_floating_point() else x.float()
+
+
+def _batch_form(batch, name: str):
+    """A collated batch as the programs' arguments: lists (default_collate of tuples) become tuples."""
+    if isinstance(batch, list):
+        batch = tuple(batch)
+    if isinstance(batch, torch.Tensor) and not (batch.is_floating_point() or batch.is_complex()):
+        batch = batch.float()
+    if isinstance(batch, tuple) and not all(isinstance(t, torch.Tensor) for t in batch) or \
+            isinstance(batch, dict) and not all(isinstance(t, torch.Tensor) for t in batch.values()):
+        raise TypeError(f"{name} yields batches that are not tensors, tuples or dicts of tensors")
+    return batch
+
+
+def _rows(batch) -> int:
+    if isinstance(batch, torch.Tensor):
+        return len(batch)
+    first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
+    return len(first)
+
+
+def _to(batch, device):
+    if isinstance(batch, dict):
+        return {k: v.to(device) for k, v in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(v.to(device) for v in batch)
+    return batch.to(device)
+
+
+class LoaderBatches:
+    """A user's ``DataLoader`` as a source of batches, streamed: the data need not fit in memory.
+
+    Each batch is moved to the training device as it arrives. A mid-epoch
+    resume replays the epoch's batch order and skips the batches already
+    trained on: the order is fixed by the random state at the start of the
+    epoch (torch's global generator, which the loader draws its shuffling
+    seed from, and the sampler's own generator if it has one), which the
+    checkpoint records.
+
+    :param loader: a ``torch.utils.data.DataLoader`` of tensors, tuples or dicts.
+    :param str name: the argument's name, for messages.
+    """
+
+    def __init__(self, loader, name: str):
+        self.loader, self.name = loader, name
+        try:
+            self.steps = len(loader)
+            self._len = len(loader.dataset)
+        except TypeError:
+            raise TypeError(f"{name}: an iterable-style DataLoader has no length; pyrovae needs a map-style "
+                            "Dataset (or a sampler with a length) to know where an epoch ends") from None
+        if self.steps == 0:
+            raise ValueError(f"{name} yields no batches")
+        self.batch_size = loader.batch_size or 1
+        self.device = torch.device("cpu")
+        self._first = None
+
+    def __len__(self) -> int:
+        return self._len
+
+    def to(self, device) -> "LoaderBatches":
+        self.device = torch.device(device)
+        return self
+
+    def first(self):
+        """The first batch of a fresh pass, drawn without moving any random state."""
+        if self._first is None:
+            with torch.random.fork_rng(devices=[]):
+                self._first = _batch_form(next(iter(self.loader)), self.name)
+        return _to(self._first, self.device)
+
+    def head(self, n: int):
+        batch = self.first()
+        if isinstance(batch, dict):
+            return {k: v[:n] for k, v in batch.items()}
+        return tuple(v[:n] for v in batch) if isinstance(batch, tuple) else batch[:n]
+
+    def epoch_state(self) -> dict:
+        """The random state that fixes this epoch's batch order (store it at the epoch's start)."""
+        sampler_gen = getattr(getattr(self.loader, "sampler", None), "generator", None)
+        return {"torch": torch.get_rng_state(),
+                "sampler": None if sampler_gen is None else sampler_gen.get_state()}
+
+    def batches(self, epoch: int, state: dict, skip: int):
+        """This epoch's batches from index ``skip`` on, in the order ``state`` fixes."""
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        sampler_gen = getattr(sampler, "generator", None)
+        if sampler_gen is not None and state.get("sampler") is not None:
+            sampler_gen.set_state(state["sampler"])
+        current = torch.get_rng_state()
+        torch.set_rng_state(state["torch"])
+        iterator = iter(self.loader)  # draws the epoch's shuffling seed from the generator set above
+        if skip:
+            torch.set_rng_state(current)
+        for i, batch in enumerate(iterator):
+            if i >= skip:
+                batch = _batch_form(batch, self.name)
+                yield _to(batch, self.device), _rows(batch)

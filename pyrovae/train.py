@@ -35,7 +35,7 @@ from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO, TraceTailAdaptive_
 
 from . import distributed, rng
 from ._checks import check_bool, check_choice, check_float, check_int, check_seed
-from .data import DataSplits, TensorBatches
+from .data import DataSplits, LoaderBatches, TensorBatches
 from .handlers import ScaleLatents
 from .pair import ModelGuidePair, copy_into, batch_arguments
 from .runs import CONFIG, Checkpoint, CheckpointError, RunFolder, json_bytes
@@ -403,13 +403,18 @@ class Trainer:
         self.model = self.scaler(pair.model) if self.scaler else pair.model
         self.guide = self.scaler(pair.guide) if self.scaler else pair.guide
         n = len(data)
-        self.n_local = n // group.world_size if group.active else n  # DistributedSampler(drop_last=True)
-        if self.n_local == 0:
-            raise ValueError(f"data has {n} datapoints, fewer than the {group.world_size} processes")
-        self.steps_per_epoch = math.ceil(self.n_local / config.batch_size)
+        self.streamed = isinstance(data, LoaderBatches)
+        if self.streamed:
+            self.steps_per_epoch, batch_size = data.steps, data.batch_size
+            _check_loader_sampler(data, group)
+        else:
+            n_local = n // group.world_size if group.active else n  # DistributedSampler(drop_last=True)
+            if n_local == 0:
+                raise ValueError(f"data has {n} datapoints, fewer than the {group.world_size} processes")
+            self.steps_per_epoch, batch_size = math.ceil(n_local / config.batch_size), config.batch_size
         self.example = data.head(min(n, 2))
         self.state = self._initial_state()
-        check_structure(pair, config.batch_size, n)
+        check_structure(pair, batch_size, n)
         self.objective = Objective(elbo, pair)
         self.guide = self.objective.wrap(self.guide)
         self.static: Optional[StaticStep] = None
@@ -425,7 +430,8 @@ class Trainer:
         if config.seed is not None:
             pyro.set_rng_seed(config.seed + self.group.rank)  # ranks draw different z; rank 0 as one process
             gen.manual_seed(config.seed)
-        args, kwargs = batch_arguments(self.data.head(min(len(self.data), config.batch_size)))
+        args, kwargs = batch_arguments(self.data.first() if isinstance(self.data, LoaderBatches)
+                                       else self.data.head(min(len(self.data), config.batch_size)))
         self.pair.discover(*args, **kwargs)
         params = self.pair.parameters()
         for name, p in params.items():
@@ -549,18 +555,27 @@ class Trainer:
         n = len(self.data)
         return torch.randperm(n, generator=state.generator) if config.shuffle else torch.arange(n)
 
-    def run_epoch(self, interrupt: _Interrupt) -> float:
-        """The rest of the current epoch; returns its training ELBO (nats per datapoint)."""
+    def _batches(self):
+        """The rest of the current epoch's batches, with their sizes."""
         config, state = self.config, self.state
-        if state.step == 0:
-            state.partial = (0.0, 0)
+        if self.streamed:
+            if state.step == 0:
+                state.data_state["epoch_start"] = self.data.epoch_state()
+            yield from self.data.batches(state.epoch, state.data_state["epoch_start"], state.step)
+            return
         if state.step == 0 or state.perm is None or self.group.active:  # shards are recomputed, not saved
             state.perm = self._epoch_order()
-        loss_sum, count = state.partial
-        dev = self.group.device
         for step in range(state.step, self.steps_per_epoch):
-            idx = state.perm[step * config.batch_size: (step + 1) * config.batch_size].to(dev)
-            batch = self.data.take(idx)
+            idx = state.perm[step * config.batch_size: (step + 1) * config.batch_size].to(self.group.device)
+            yield self.data.take(idx), len(idx)
+
+    def run_epoch(self, interrupt: _Interrupt) -> Optional[float]:
+        """The rest of the current epoch; returns its training ELBO (nats per datapoint)."""
+        state = self.state
+        if state.step == 0:
+            state.partial = (0.0, 0)
+        loss_sum, count = state.partial
+        for step, (batch, size) in enumerate(self._batches(), start=state.step):
             if self.transform is not None:
                 batch = self.transform(batch)
             value = self.step(batch)
@@ -568,7 +583,7 @@ class Trainer:
                 value, stop_requested = self.group.sum([value, float(interrupt.requested)])
                 interrupt.requested = stop_requested > 0
             loss_sum += value
-            count += len(idx) * self.group.world_size
+            count += size * self.group.world_size
             state.step, state.partial = step + 1, (loss_sum, count)
             if interrupt.requested and step < self.steps_per_epoch - 1:
                 path = self.save()
@@ -585,9 +600,8 @@ class Trainer:
             self.scaler.factor = 1.0
         total, n = 0.0, len(self.val_data)
         with self.pair.evaluating(), self._checks():
-            for i in range(0, n, self.config.batch_size):
-                args, kwargs = batch_arguments(self.val_data.take(torch.arange(i, min(i + self.config.batch_size, n),
-                                                                               device=self.val_data.device)))
+            for batch in _validation_batches(self.val_data, self.config.batch_size):
+                args, kwargs = batch_arguments(batch)
                 total += self.objective.validation_loss(self.model, self.guide, args, kwargs)
         # Every rank scores the whole validation set; the mean makes all ranks agree.
         return -self.group.sum([total])[0] / self.group.world_size / n
@@ -682,6 +696,27 @@ class Trainer:
         return msg + ". Common causes: a learning rate too high, data outside the likelihood's support."
 
 
+def _validation_batches(data, batch_size: int):
+    if isinstance(data, LoaderBatches):
+        with torch.random.fork_rng(devices=[]):  # a shuffling loader must not move training's random state
+            yield from (batch for batch, _ in data.batches(0, data.epoch_state(), 0))
+        return
+    n = len(data)
+    for i in range(0, n, batch_size):
+        yield data.take(torch.arange(i, min(i + batch_size, n), device=data.device))
+
+
+def _check_loader_sampler(data: LoaderBatches, group) -> None:
+    from torch.utils.data import DistributedSampler
+
+    if group.active and not isinstance(data.loader.sampler, DistributedSampler):
+        raise ValueError(
+            f"under torchrun every process needs its own shard: build the {data.name} DataLoader with "
+            "sampler=DistributedSampler(dataset, shuffle=True, drop_last=True) (pyrovae calls its set_epoch); "
+            "every rank must take the same number of steps"
+        )
+
+
 def _cpu(batch):
     if isinstance(batch, dict):
         return {k: v.detach().cpu() for k, v in batch.items()}
@@ -728,11 +763,18 @@ def _prepare_data(data, val_data, transform, metadata):
         transform = transform if transform is not None else data.batch_transform
         metadata = {"data": data.info(), **(metadata or {})}
         data = data.train
-    train = TensorBatches(data, "data")
-    val = None if val_data is None else TensorBatches(val_data, "val_data")
-    if val is not None and val.event_shapes() != train.event_shapes():
+    train = _batches_of(data, "data")
+    val = None if val_data is None else _batches_of(val_data, "val_data")
+    if isinstance(train, TensorBatches) and isinstance(val, TensorBatches) \
+            and val.event_shapes() != train.event_shapes():
         raise ValueError(f"val_data has event shapes {val.event_shapes()}, data has {train.event_shapes()}")
     return train, val, transform, metadata
+
+
+def _batches_of(data, name: str):
+    if isinstance(data, torch.utils.data.DataLoader):
+        return LoaderBatches(data, name)
+    return TensorBatches(data, name)
 
 
 def fit(
@@ -879,12 +921,13 @@ def _fit(pair, elbo, config, train, val, transform, metadata, group, folder, ckp
     if val is not None:
         val.to(dev)
     pair.to(dev)
-    # Check what the model will see: the transformed training data.
+    # Check what the model will see: the transformed training data (a streamed loader: its first batch).
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        args, kwargs = batch_arguments(train.structure if transform is None else transform(train.structure))
+        data = train.first() if isinstance(train, LoaderBatches) else train.structure
+        args, kwargs = batch_arguments(data if transform is None else transform(data))
         pair.check_data(args, kwargs, "data")
     if val is not None:
-        pair.check_data(*batch_arguments(val.structure), "val_data")
+        pair.check_data(*batch_arguments(val.first() if isinstance(val, LoaderBatches) else val.structure), "val_data")
     trainer = Trainer(pair, elbo, config, train, val, group=group, folder=folder, transform=transform)
     if trainer.objective.anchor:
         try:
