@@ -8,6 +8,7 @@ from .data import DataSplits, from_arrays, load_dataset
 from .importance import LogMarginal, log_marginal
 from .likelihoods import LIKELIHOODS, Bernoulli, ContinuousBernoulli, Gaussian, Laplace, Likelihood
 from .runs import CheckpointError, Run, load_run
+from .sources import Source
 from .train import FitConfig, FitResult, NonFiniteLossError, fit
 from .vae import VAE, VAEConfig
 
@@ -17,6 +18,7 @@ __all__ = [
     "VAE",
     "VAEConfig",
     "fit",
+    "Source",
     "FitConfig",
     "FitResult",
     "NonFiniteLossError",

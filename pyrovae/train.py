@@ -26,17 +26,18 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import pyro
-from pyro.poutine.util import site_is_subsample
-from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO, TraceTailAdaptive_ELBO
+from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from . import distributed, rng
 from ._checks import check_bool, check_choice, check_float, check_int, check_seed
 from .data import DataSplits, LoaderBatches, TensorBatches
 from .handlers import ScaleLatents
+from .objectives import ANCHOR, Objective, check_structure
+from .sources import Source, SourceRun
 from .pair import ModelGuidePair, copy_into, batch_arguments
 from .runs import CONFIG, Checkpoint, CheckpointError, RunFolder, json_bytes
 from .static import StaticStep
@@ -273,114 +274,6 @@ def _metrics_csv(history) -> bytes:
     return buf.getvalue().encode()
 
 
-#: a parameter site that makes Pyro's ``loss_and_grads`` run its backward pass for pairs
-#: whose networks live only in an ``nn.Module`` (RenyiELBO skips it without param sites)
-_ANCHOR = "_pyrovae_backward_anchor"
-
-
-def _anchored(fn):
-    def program(*args, **kwargs):
-        pyro.param(_ANCHOR, lambda: torch.zeros(()))
-        return fn(*args, **kwargs)
-
-    return program
-
-
-class Objective:
-    """Loss and gradients from any Pyro ELBO, and the estimator validation reports.
-
-    * ELBOs with ``differentiable_loss`` (``Trace_ELBO``, ``TraceMeanField_ELBO``,
-      ``TraceEnum_ELBO``, ``TraceTMC_ELBO``, pyrovae's ``IWAE``): the loss is differentiated.
-    * ELBOs with ``loss_and_grads`` only (``TraceGraph_ELBO``, ``RenyiELBO``):
-      that method runs the backward pass; a pair without Pyro param sites gets
-      an anchor site so that ``RenyiELBO`` does not skip it.
-    * ``TraceTailAdaptive_ELBO`` estimates gradients without a loss: the
-      training objective is not reported (None) and validation reports
-      ``Trace_ELBO`` with the same particles.
-    * An ELBO with ``loss_and_param_grads`` (pyrovae's ``IWAE(dreg=True)``)
-      returns its own gradients.
-
-    :param elbo: the Pyro ELBO.
-    :param ModelGuidePair pair: discovered programs.
-    """
-
-    def __init__(self, elbo: ELBO, pair: ModelGuidePair):
-        self.elbo = elbo
-        if hasattr(elbo, "loss_and_param_grads"):
-            self.kind = "grads"
-        elif isinstance(elbo, TraceTailAdaptive_ELBO):
-            self.kind = "surrogate"
-        elif hasattr(type(elbo), "differentiable_loss"):
-            self.kind = "differentiable"
-        else:
-            self.kind = "backward"
-        self.anchor = self.kind == "backward" and not pair.has_param_sites
-        self.validation_elbo = elbo if self.kind != "surrogate" else Trace_ELBO(
-            num_particles=elbo.num_particles, vectorize_particles=elbo.vectorize_particles)
-
-    @property
-    def reports_loss(self) -> bool:
-        """False where the estimator has no loss value (``TraceTailAdaptive_ELBO``)."""
-        return self.kind != "surrogate"
-
-    def wrap(self, guide):
-        return _anchored(guide) if self.anchor else guide
-
-    def loss_and_grads(self, model, guide, params: List[torch.Tensor], args, kwargs):
-        """``(loss, grads)``: a 0-d tensor, and the gradients (None: differentiate ``loss``)."""
-        if self.kind == "grads":
-            return self.elbo.loss_and_param_grads(model, guide, params, *args, **kwargs)
-        if self.kind == "backward":
-            for p in params:
-                p.grad = None
-            loss = self.elbo.loss_and_grads(model, guide, *args, **kwargs)
-            return torch.as_tensor(float(loss)), [p.grad for p in params]
-        return self.elbo.differentiable_loss(model, guide, *args, **kwargs), None
-
-    def validation_loss(self, model, guide, args, kwargs) -> float:
-        return float(self.validation_elbo.loss(model, guide, *args, **kwargs))
-
-    def describe(self) -> dict:
-        """The ELBO's class and options, as ``config.json`` records them (a resume must match)."""
-        # max_plate_nesting is guessed by Pyro on the first call: not an option of the objective
-        options = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
-                   for k, v in vars(self.elbo).items() if not k.startswith("_") and k != "max_plate_nesting"
-                   and isinstance(v, (int, float, bool, str, type(None)))}
-        return {"class": type(self.elbo).__name__, **options}
-
-
-def check_structure(pair: ModelGuidePair, batch_size: int, num_data: int) -> None:
-    """Refuse, before the first step, programs whose objective would be silently wrong.
-
-    * a model with no observed site (the ELBO would not involve the data);
-    * with batches smaller than the data: observations outside every plate, or
-      latents outside every plate while the observations' plate is not scaled
-      to the whole data (the minibatch objective is then biased).
-    """
-    observed = [(n, s) for n, s in pair.model_trace.nodes.items() if s["type"] == "sample" and s["is_observed"]]
-    if not observed:
-        raise ValueError("the model has no observed sample site (pyro.sample(..., obs=...)): the ELBO would not "
-                         "involve the data. Observe the data in the model; check that every tensor of the batch "
-                         "reaches the programs")
-    if batch_size >= num_data:
-        return
-    fix = ("put the observations in pyro.plate('data', N, subsample=batch_indices) or pyro.plate('data', N, "
-           "subsample_size=...), where N is the size of the whole data, or scale them with poutine.scale(scale=N / "
-           f"batch_size); or train with batch_size >= {num_data}")
-    outside = [n for n, s in observed if not s["cond_indep_stack"]]
-    if outside:
-        raise ValueError(f"observed sites {outside} lie outside every plate, but batches hold {batch_size} of the "
-                         f"{num_data} datapoints: each step would weigh a batch as if it were all the data, a "
-                         f"biased objective. To fix it, {fix}")
-    global_latents = [n for n, s in pair.model_trace.nodes.items() if s["type"] == "sample" and not s["is_observed"]
-                      and not site_is_subsample(s) and not s["cond_indep_stack"] and not s["infer"].get("_deterministic")]
-    unscaled = [n for n, s in observed if float(s["scale"]) == 1.0]
-    if global_latents and unscaled:
-        raise ValueError(f"latent sites {global_latents} lie outside every plate and the observations {unscaled} are "
-                         f"not scaled to the {num_data} datapoints while batches hold {batch_size}: the prior would "
-                         f"count once per batch, a biased objective. To fix it, {fix}")
-
-
 class Trainer:
     """The phases of one :func:`fit` call over a model/guide pair.
 
@@ -395,7 +288,8 @@ class Trainer:
     """
 
     def __init__(self, pair: ModelGuidePair, elbo: ELBO, config: FitConfig, data: TensorBatches,
-                 val_data: Optional[TensorBatches], *, group, folder: Optional[RunFolder], transform=None):
+                 val_data: Optional[TensorBatches], *, group, folder: Optional[RunFolder], transform=None,
+                 extras: Sequence[tuple] = ()):
         self.pair, self.elbo, self.config, self.data, self.val_data = pair, elbo, config, data, val_data
         self.group, self.folder, self.transform = group, folder, transform
         self.writer = folder is not None and group.rank == 0  # one process writes the run folder
@@ -413,7 +307,8 @@ class Trainer:
                 raise ValueError(f"data has {n} datapoints, fewer than the {group.world_size} processes")
             self.steps_per_epoch, batch_size = math.ceil(n_local / config.batch_size), config.batch_size
         self.example = data.head(min(n, 2))
-        self.state = self._initial_state()
+        self.extras: List[SourceRun] = []
+        self.state = self._initial_state(extras)
         check_structure(pair, batch_size, n)
         self.objective = Objective(elbo, pair)
         self.guide = self.objective.wrap(self.guide)
@@ -424,16 +319,17 @@ class Trainer:
         self.last_good: Optional[Path] = None
 
     # ------------------------------------------------------------------ set-up
-    def _initial_state(self) -> TrainState:
+    def _initial_state(self, extras) -> TrainState:
         config, dev = self.config, self.group.device
         gen = torch.Generator()
         if config.seed is not None:
             pyro.set_rng_seed(config.seed + self.group.rank)  # ranks draw different z; rank 0 as one process
             gen.manual_seed(config.seed)
-        args, kwargs = batch_arguments(self.data.first() if isinstance(self.data, LoaderBatches)
-                                       else self.data.head(min(len(self.data), config.batch_size)))
+        args, kwargs = batch_arguments(_first_batch(self.data, config.batch_size))
         self.pair.discover(*args, **kwargs)
-        params = self.pair.parameters()
+        params, buffers = self.pair.parameters(), self.pair.buffers()
+        for spec in extras:
+            self.extras.append(self._source_run(*spec, params=params, buffers=buffers))
         for name, p in params.items():
             if p.device != dev:
                 raise ValueError(
@@ -445,7 +341,21 @@ class Trainer:
         self.group.broadcast_(plist)
         opt = OPTIMIZERS[config.optimizer](plist, lr=config.lr, weight_decay=config.weight_decay)
         sched = LR_SCHEDULES[config.lr_schedule](opt, config.epochs) if config.lr_schedule else None
-        return TrainState(params=params, buffers=self.pair.buffers(), optimizer=opt, scheduler=sched, generator=gen)
+        return TrainState(params=params, buffers=buffers, optimizer=opt, scheduler=sched, generator=gen)
+
+    def _source_run(self, name, batches, batch_size, weight, model, guide, elbo, *, params, buffers) -> SourceRun:
+        """A secondary source: discover its programs, add their tensors to the run's, check its objective."""
+        pair = ModelGuidePair(model or self.pair.model, guide or self.pair.guide)
+        batch_size = batches.batch_size if isinstance(batches, LoaderBatches) else batch_size or self.config.batch_size
+        args, kwargs = batch_arguments(_first_batch(batches, batch_size))
+        pair.discover(*args, **kwargs)
+        for found, into in ((pair.parameters(), params), (pair.buffers(), buffers)):
+            for key, t in found.items():
+                key = key if into.get(key, t) is t else f"{name}:{key}"  # the same name for another tensor
+                if all(t is not u for u in into.values()):
+                    into[key] = t
+        check_structure(pair, batch_size, len(batches))
+        return SourceRun(name, batches, batch_size, pair, Objective(elbo or self.elbo, pair), weight)
 
     def restore(self, ckpt: Checkpoint) -> None:
         """Continue from ``ckpt``: refuse changed options that define the run, then load the state."""
@@ -485,6 +395,8 @@ class Trainer:
                                    f"STATIC_GRAPH_MIN_STEPS={STATIC_GRAPH_MIN_STEPS}")
         elif not config.static_graph:
             self.static_off = "static_graph=False"
+        if self.extras and self.static_off is None:
+            self.static_off = "several data sources"
         if self.static_off is None:
             self.static = StaticStep(self.elbo, self.model, self.guide, list(state.params.values()),
                                      pair=self.pair, variant=(self.scaler is not None,),
@@ -539,6 +451,8 @@ class Trainer:
         else:
             for p, g in zip(plist, grads):
                 p.grad = g
+        for extra in self.extras:
+            self._add_source_step(extra, plist)
         self.group.average_grads_(plist)
         if self.config.clip_norm is not None or not self.objective.reports_loss:
             norm = float(torch.nn.utils.clip_grad_norm_(plist, self.config.clip_norm or math.inf))
@@ -547,6 +461,24 @@ class Trainer:
         state.optimizer.step()
         state.global_step += 1
         return value
+
+    def _add_source_step(self, extra: SourceRun, plist) -> None:
+        """A secondary source's batch: its objective's gradients added to this step's."""
+        batch, size = extra.next_batch(self.state.data_state, self.state.generator)
+        if self.transform is not None:
+            batch = self.transform(batch)
+        with self._checks():
+            loss, grads = extra.loss_and_grads(plist, batch)
+        value = loss.item() if extra.objective.reports_loss else 0.0
+        if not math.isfinite(value):
+            raise NonFiniteLossError(self._diverged(f"loss of source {extra.name!r}", value))
+        if grads is None:
+            loss.backward()
+        else:
+            for p, g in zip(plist, grads):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
+        extra.record(self.state.data_state, value, size)
 
     def _epoch_order(self) -> torch.Tensor:
         config, state = self.config, self.state
@@ -630,6 +562,7 @@ class Trainer:
             "epoch": state.epoch, "train_elbo": train_elbo, "val_elbo": val,
             "kl_weight": self.kl_weight() if self.scaler else 1.0,
             "lr": state.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - seconds_from,
+            **({"sources": {e.name: e.take_epoch_elbo(state.data_state) for e in self.extras}} if self.extras else {}),
         })
         is_best = False
         if val is not None:
@@ -696,6 +629,10 @@ class Trainer:
         return msg + ". Common causes: a learning rate too high, data outside the likelihood's support."
 
 
+def _first_batch(data, batch_size: int):
+    return data.first() if isinstance(data, LoaderBatches) else data.head(min(len(data), batch_size))
+
+
 def _validation_batches(data, batch_size: int):
     if isinstance(data, LoaderBatches):
         with torch.random.fork_rng(devices=[]):  # a shuffling loader must not move training's random state
@@ -754,6 +691,21 @@ def _open_folder(run_dir, resume) -> Tuple[Optional[RunFolder], Optional[Checkpo
     if not folder.exists() or folder.manifest().get("latest") is None:
         return folder, None
     return folder, folder.load_checkpoint()
+
+
+def _split_sources(data, batch_size: int):
+    """The first source's data, and the others as (name, batches, batch_size, weight, model, guide, elbo)."""
+    if not (isinstance(data, dict) and data and all(isinstance(v, Source) for v in data.values())):
+        if isinstance(data, dict) and any(isinstance(v, Source) for v in data.values()):
+            raise TypeError("data: a dict of sources must hold Source objects only")
+        return data, []
+    (first_name, first), *rest = data.items()
+    if first.model is not None or first.elbo is not None or first.weight != 1.0 or \
+            first.batch_size not in (None, batch_size):
+        raise ValueError(f"data: the first source {first_name!r} uses fit's model, guide, elbo and batch_size "
+                         "with weight 1 (weights are relative to it); give those options to the other sources")
+    return first.data, [(name, _batches_of(src.data, f"data[{name!r}]"), src.batch_size, src.weight, src.model,
+                         src.guide, src.elbo) for name, src in rest]
 
 
 def _prepare_data(data, val_data, transform, metadata):
@@ -819,9 +771,13 @@ def fit(
     :param data: training data, one datapoint per leading row: a tensor or
         numpy array (``model(x)``), a tuple of tensors (``model(*batch)``), a
         dict of tensors (``model(**batch)``), a map-style Dataset of tensors,
-        tuples or dicts (read once into memory), or a
+        tuples or dicts (read once into memory), a ``DataLoader`` (streamed,
+        with its own batch size, sampler and workers), or a
         :class:`~pyrovae.data.DataSplits` (its train split, with ``val_data``
         and ``transform`` defaulting to its validation split and binarisation).
+        A dict of named :class:`~pyrovae.sources.Source` objects trains on
+        several sources at once (semi-supervised learning, terms you add):
+        each step sums one batch of each, and an epoch is one pass over the first.
     :param more_data: further tensors of the same batch, as Pyro's ``svi.step(xs, ys)``
         takes them: ``fit(model, guide, xs, ys)`` is ``fit(model, guide, (xs, ys))``.
     :param val_data: validation data, same forms; enables early stopping.
@@ -902,22 +858,25 @@ def fit(
         raise TypeError(f"transform must be callable or None, got {transform!r}")
     if metadata is not None and not isinstance(metadata, dict):
         raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+    data, extras = _split_sources(data, config.batch_size)
     train, val, transform, metadata = _prepare_data(data, val_data, transform, metadata)
     if config.patience is not None and val is None:
         raise ValueError("patience (early stopping) needs val_data")
     folder, ckpt = _open_folder(run_dir, resume)
     group = distributed.setup(config.device)
     try:
-        return _fit(pair, elbo_obj, config, train, val, transform, metadata, group, folder, ckpt)
+        return _fit(pair, elbo_obj, config, train, val, transform, metadata, group, folder, ckpt, extras)
     except _Stop as stop:
         raise KeyboardInterrupt(str(stop)) from None
     finally:
         group.close()
 
 
-def _fit(pair, elbo, config, train, val, transform, metadata, group, folder, ckpt) -> FitResult:
+def _fit(pair, elbo, config, train, val, transform, metadata, group, folder, ckpt, extras) -> FitResult:
     dev = group.device
     train.to(dev)
+    for spec in extras:
+        spec[1].to(dev)
     if val is not None:
         val.to(dev)
     pair.to(dev)
@@ -928,14 +887,14 @@ def _fit(pair, elbo, config, train, val, transform, metadata, group, folder, ckp
         pair.check_data(args, kwargs, "data")
     if val is not None:
         pair.check_data(*batch_arguments(val.first() if isinstance(val, LoaderBatches) else val.structure), "val_data")
-    trainer = Trainer(pair, elbo, config, train, val, group=group, folder=folder, transform=transform)
+    trainer = Trainer(pair, elbo, config, train, val, group=group, folder=folder, transform=transform, extras=extras)
     if trainer.objective.anchor:
         try:
             return _train(trainer, pair, config, metadata, group, folder, ckpt)
         finally:
             store = pyro.get_param_store()
-            if _ANCHOR in store:
-                del store[_ANCHOR]
+            if ANCHOR in store:
+                del store[ANCHOR]
     return _train(trainer, pair, config, metadata, group, folder, ckpt)
 
 

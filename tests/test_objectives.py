@@ -9,7 +9,7 @@ from pyro.infer import (RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, 
                         TraceTailAdaptive_ELBO, config_enumerate)
 from torch import nn
 
-from pyrovae import fit
+from pyrovae import Source, fit
 from pyrovae.runs import RunFolder
 
 
@@ -200,3 +200,64 @@ def test_a_conditional_pair_trains_from_separate_tensors_a_tuple_a_dict_and_a_da
     # ys reached the model: w moved towards the direction that generated them (this guide halves its scale)
     cosine = torch.nn.functional.cosine_similarity(results["args"], torch.tensor([1.0, -2.0, 0.5]), dim=0)
     assert cosine > 0.95, (results["args"], cosine)
+
+
+# ---------------------------------------------------------------------------- several sources (M2)
+def _clusters(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    centres = torch.tensor([[3.0, 0, 0, 0, 0, 0], [0, 3.0, 0, 0, 0, 0], [0, 0, 3.0, 0, 0, 0]])
+    return centres[y] + 0.5 * torch.randn(n, 6, generator=g), torch.nn.functional.one_hot(y, 3).float()
+
+
+def _m2(run_dir=None, *, resume=False, stop_at_call=None, epochs=6):
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    k = 3
+    dec, enc_y, enc_z = nn.Linear(2 + k, 6), nn.Linear(6, k), nn.Linear(6 + k, 4)
+    model, guide = _ss_model(dec, k), _ss_guide(enc_y, enc_z, k)
+    calls = {"n": 0}
+
+    def model_classify(xs, ys):
+        calls["n"] += 1
+        if calls["n"] == stop_at_call:
+            raise KeyboardInterrupt("simulated kill")
+        pyro.module("enc_y", enc_y)
+        with pyro.plate("data", xs.shape[0]):
+            pyro.sample("y_aux", dist.OneHotCategorical(logits=enc_y(xs)), obs=ys)
+
+    def guide_classify(xs, ys):
+        pass
+
+    x_u, _ = _clusters(120, 1)
+    x_l, y_l = _clusters(12, 2)
+    sources = {
+        "unlabelled": Source((x_u,)),
+        "labelled": Source((x_l, y_l), batch_size=4),
+        "classify": Source((x_l, y_l), batch_size=4, weight=10.0, model=model_classify, guide=guide_classify,
+                           elbo=Trace_ELBO()),
+    }
+    r = fit(model, guide, sources, elbo=TraceEnum_ELBO(max_plate_nesting=1), epochs=epochs, batch_size=20,
+            lr=0.03, progress=False, device="cpu", run_dir=None if resume else run_dir,
+            resume=run_dir if resume else None)
+    return r, enc_y
+
+
+def test_m2_mixes_labelled_and_unlabelled_batches_and_a_user_term():
+    """Labelled and unlabelled batches could not be mixed in one run."""
+    r, enc_y = _m2(epochs=20)
+    x_test, y_test = _clusters(300, 3)
+    accuracy = (enc_y(x_test).argmax(-1) == y_test.argmax(-1)).float().mean().item()
+    assert accuracy > 0.9, accuracy  # 12 labels; chance is 1/3
+    assert set(r.history[-1]["sources"]) == {"labelled", "classify"}
+    assert not r.static_graph
+
+
+def test_several_sources_resume_mid_epoch_bitwise(tmp_path):
+    full, _ = _m2(tmp_path / "full", epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        _m2(tmp_path / "part", stop_at_call=9, epochs=3)  # epoch 2, step 3: every source mid-pass
+    resumed, _ = _m2(tmp_path / "part", resume=True, epochs=3)
+    for name in full.params:
+        assert torch.equal(full.params[name], resumed.params[name]), name
+    assert [h["sources"] for h in full.history] == [h["sources"] for h in resumed.history]
