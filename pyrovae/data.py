@@ -117,8 +117,8 @@ def _binarize_static(x: torch.Tensor, mode: str, seed: int) -> torch.Tensor:
         return x
     if mode == "threshold":
         return (x > 0.5).to(x.dtype)
-    gen = torch.Generator().manual_seed(seed)
-    return torch.bernoulli(x, generator=gen)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same binarisation on every device
+    return torch.bernoulli(x.cpu(), generator=gen).to(x.device)
 
 
 def _make_splits(
@@ -151,7 +151,8 @@ def _finish(name, arrays, labels, *, binarize, seed, split, source, subset) -> D
         arrays = [a[:subset] for a in arrays]
         labels = [None if l is None else l[:subset] for l in labels]
         split += f"; each split cut to its first {subset}"
-    tensors = [torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32) for a in arrays]
+    # Data from files or arrays lives on the CPU, whatever the default device: fit moves it.
+    tensors = [torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device="cpu") for a in arrays]
     if binarize != "none" and any(((t < 0) | (t > 1)).any() for t in tensors):
         raise ValueError(f"binarize={binarize!r} needs intensities in [0, 1]")
     # train keeps intensities under "dynamic"; evaluation splits are fixed once.
@@ -161,7 +162,7 @@ def _finish(name, arrays, labels, *, binarize, seed, split, source, subset) -> D
         mode = "none" if (binarize == "dynamic" and key == "train") else binarize
         mode = "static" if mode == "dynamic" else mode
         out.append(_binarize_static(t, mode, seed + offsets[key]))
-    labs = [None if l is None else torch.tensor(np.asarray(l), dtype=torch.int64) for l in labels]
+    labs = [None if l is None else torch.tensor(np.asarray(l), dtype=torch.int64, device="cpu") for l in labels]
     return DataSplits(
         name=name,
         train=out[0],
@@ -539,7 +540,7 @@ def _as_tensor(value, name: str) -> torch.Tensor:
     if isinstance(value, np.ndarray):
         if value.dtype == object:
             raise TypeError(f"{name} must be numeric, got a numpy array of dtype object")
-        return torch.as_tensor(np.array(value))
+        return torch.as_tensor(np.array(value), device="cpu")
     raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got {type(value).__name__}")
 
 
@@ -564,6 +565,11 @@ def _as_structure(data, name: str):
                     f"got {type(data).__name__}")
 
 
+def _item(value) -> torch.Tensor:
+    """A Dataset item as a tensor: a tensor keeps its device, anything else lands on the CPU."""
+    return value if isinstance(value, torch.Tensor) else torch.as_tensor(value, device="cpu")
+
+
 def _stack_dataset(dataset, name: str):
     """Read a map-style Dataset once; items that are tuples or dicts keep their form."""
     if len(dataset) == 0:
@@ -571,10 +577,10 @@ def _stack_dataset(dataset, name: str):
     items = [dataset[i] for i in range(len(dataset))]
     first = items[0]
     if isinstance(first, dict):
-        return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in first}
+        return {k: torch.stack([_item(it[k]) for it in items]) for k in first}
     if isinstance(first, (tuple, list)):
-        return tuple(torch.stack([torch.as_tensor(it[j]) for it in items]) for j in range(len(first)))
-    x = torch.stack([torch.as_tensor(it) for it in items])
+        return tuple(torch.stack([_item(it[j]) for it in items]) for j in range(len(first)))
+    x = torch.stack([_item(it) for it in items])
     return x if x.is_floating_point() else x.float()
 
 

@@ -123,7 +123,7 @@ class Group:
         sampler = DistributedSampler(range(n), num_replicas=self.world_size, rank=self.rank,
                                      shuffle=shuffle, seed=seed, drop_last=True)
         sampler.set_epoch(epoch)
-        return torch.tensor(list(iter(sampler)), dtype=torch.int64)
+        return torch.tensor(list(iter(sampler)), dtype=torch.int64, device="cpu")
 
     def close(self) -> None:
         """Destroy the process group if :func:`setup` created it."""

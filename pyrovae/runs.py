@@ -468,7 +468,8 @@ class Run:
 
 def _build_vae(run_dir: Path, description: dict) -> VAE:
     try:
-        return VAE(config=VAEConfig(**description["config"]))
+        with torch.device("cpu"):  # a reloaded run lives on the CPU, whatever the default device
+            return VAE(config=VAEConfig(**description["config"]))
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{run_dir / CONFIG}: invalid VAE config: {e}") from None
 

@@ -100,7 +100,7 @@ class SourceRun:
         if pos["perm"] is None or pos["pos"] >= steps:
             if pos["perm"] is not None:
                 pos["pass"] += 1
-            pos["perm"], pos["pos"] = torch.randperm(len(self.batches), generator=generator), 0
+            pos["perm"], pos["pos"] = torch.randperm(len(self.batches), generator=generator, device="cpu"), 0
         idx = pos["perm"][pos["pos"] * self.batch_size: (pos["pos"] + 1) * self.batch_size]
         pos["pos"] += 1
         return self.batches.take(idx.to(self.batches.device)), len(idx)

@@ -485,7 +485,8 @@ class Trainer:
         if self.group.active:
             return self.group.shard(len(self.data), state.epoch, config.seed or 0, config.shuffle)
         n = len(self.data)
-        return torch.randperm(n, generator=state.generator) if config.shuffle else torch.arange(n)
+        # On the CPU, as the generator is, whatever the default device; the indices move to the data.
+        return torch.randperm(n, generator=state.generator, device="cpu") if config.shuffle else torch.arange(n, device="cpu")
 
     def _batches(self):
         """The rest of the current epoch's batches, with their sizes."""
@@ -640,7 +641,7 @@ def _validation_batches(data, batch_size: int):
         return
     n = len(data)
     for i in range(0, n, batch_size):
-        yield data.take(torch.arange(i, min(i + batch_size, n), device=data.device))
+        yield data.take(torch.arange(i, min(i + batch_size, n), device=data.device))  # follows the data
 
 
 def _check_loader_sampler(data: LoaderBatches, group) -> None:
