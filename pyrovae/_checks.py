@@ -29,7 +29,8 @@ def check_int(name: str, value, minimum: int = 1, *, allow_none: bool = False):
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be a positive int, got {value!r}" if minimum == 1 else
+                         f"{name} must be >= {minimum}, got {value!r}")
     return value
 
 

@@ -30,6 +30,8 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 import torch
 
+from ._checks import check_int
+
 __all__ = [
     "DataSplits",
     "BINARIZATIONS",
@@ -146,8 +148,7 @@ def _make_splits(
 def _finish(name, arrays, labels, *, binarize, seed, split, source, subset) -> DataSplits:
     _check_binarize(binarize)
     if subset is not None:
-        if isinstance(subset, bool) or not isinstance(subset, int) or subset < 1:
-            raise ValueError(f"subset must be a positive int, got {subset!r}")
+        check_int("subset", subset)
         arrays = [a[:subset] for a in arrays]
         labels = [None if l is None else l[:subset] for l in labels]
         split += f"; each split cut to its first {subset}"
@@ -441,8 +442,7 @@ def load_dataset(
     ({'train': 1259, 'val': 179, 'test': 359}, (1, 8, 8))
     """
     _check_binarize(binarize)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+    check_int("seed", seed, minimum=-2**63)
     if not isinstance(name, (str, os.PathLike)):
         raise TypeError(f"name must be a dataset name or a path, got {name!r}")
     name = str(name)

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 import pyro.distributions as dist
 
+from ._checks import check_float
+
 __all__ = [
     "Likelihood",
     "Bernoulli",
@@ -36,12 +38,7 @@ def _positive(raw: torch.Tensor, min_scale: float) -> torch.Tensor:
 
 
 def _check_scale(name: str, value: Optional[float], *, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a positive float, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite float, got {value!r}")
+    check_float(name, value, positive=True, allow_none=allow_none)
 
 
 class Likelihood:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import check_int
+
 __all__ = ["MLPEncoder", "MLPDecoder", "ConvEncoder", "ConvDecoder", "NETWORKS"]
 
 # Smallest posterior scale an encoder can return; keeps log q(z|x) finite.
@@ -32,14 +34,6 @@ def _check_shape(name, shape) -> Tuple[int, ...]:
     if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
         raise ValueError(f"{name} must be a non-empty tuple of positive ints, got {shape!r}")
     return shape
-
-
-def _check_positive_int(name, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _mlp(sizes: Sequence[int]) -> nn.Sequential:
@@ -72,8 +66,8 @@ class MLPEncoder(nn.Module):
     def __init__(self, event_shape, latent_dim: int, hidden: Sequence[int] = (400,)):
         super().__init__()
         self.event_shape = _check_shape("event_shape", event_shape)
-        self.latent_dim = _check_positive_int("latent_dim", latent_dim)
-        hidden = tuple(_check_positive_int("hidden", h) for h in hidden)
+        self.latent_dim = check_int("latent_dim", latent_dim)
+        hidden = tuple(check_int("hidden", h) for h in hidden)
         # The last layer outputs loc and the raw scale side by side.
         self.net = _mlp((math.prod(self.event_shape), *hidden, 2 * latent_dim))
 
@@ -99,9 +93,9 @@ class MLPDecoder(nn.Module):
     def __init__(self, latent_dim: int, event_shape, hidden: Sequence[int] = (400,), num_params: int = 1):
         super().__init__()
         self.event_shape = _check_shape("event_shape", event_shape)
-        self.latent_dim = _check_positive_int("latent_dim", latent_dim)
-        self.num_params = _check_positive_int("num_params", num_params)
-        hidden = tuple(_check_positive_int("hidden", h) for h in hidden)
+        self.latent_dim = check_int("latent_dim", latent_dim)
+        self.num_params = check_int("num_params", num_params)
+        hidden = tuple(check_int("hidden", h) for h in hidden)
         self.net = _mlp((latent_dim, *hidden, num_params * math.prod(self.event_shape)))
 
     def forward(self, z: torch.Tensor):
@@ -136,8 +130,8 @@ class ConvEncoder(nn.Module):
         super().__init__()
         self.event_shape = _check_shape("event_shape", event_shape)
         c, h, w = _image_shape(self.event_shape)
-        self.latent_dim = _check_positive_int("latent_dim", latent_dim)
-        channels = _check_positive_int("channels", channels)
+        self.latent_dim = check_int("latent_dim", latent_dim)
+        channels = check_int("channels", channels)
         self.conv = nn.Sequential(
             nn.Conv2d(c, channels, 4, stride=2, padding=1),
             nn.ReLU(),
@@ -168,9 +162,9 @@ class ConvDecoder(nn.Module):
         super().__init__()
         self.event_shape = _check_shape("event_shape", event_shape)
         c, h, w = _image_shape(self.event_shape)
-        self.latent_dim = _check_positive_int("latent_dim", latent_dim)
-        self.num_params = _check_positive_int("num_params", num_params)
-        channels = _check_positive_int("channels", channels)
+        self.latent_dim = check_int("latent_dim", latent_dim)
+        self.num_params = check_int("num_params", num_params)
+        channels = check_int("channels", channels)
         self._grid = (2 * channels, -(-h // 4), -(-w // 4))
         self.head = nn.Linear(latent_dim, math.prod(self._grid))
         self.deconv = nn.Sequential(

@@ -19,7 +19,8 @@ from pyro import poutine
 from pyro.nn import PyroModule
 
 from .likelihoods import LIKELIHOODS, get_likelihood
-from .nn import NETWORKS, _check_shape, _check_positive_int
+from ._checks import check_int
+from .nn import NETWORKS, _check_shape
 
 __all__ = ["VAE", "VAEConfig"]
 
@@ -59,10 +60,10 @@ class VAEConfig:
         if self.event_shape is not None:
             object.__setattr__(self, "event_shape", _check_shape("event_shape", self.event_shape))
         object.__setattr__(self, "hidden", tuple(self.hidden))
-        _check_positive_int("latent_dim", self.latent_dim)
-        _check_positive_int("channels", self.channels)
+        check_int("latent_dim", self.latent_dim)
+        check_int("channels", self.channels)
         for h in self.hidden:
-            _check_positive_int("hidden", h)
+            check_int("hidden", h)
         if self.network not in NETWORKS:
             raise ValueError(f"network {self.network!r} is not one of {sorted(NETWORKS)}")
         if self.likelihood not in LIKELIHOODS:
@@ -175,7 +176,7 @@ class VAE(PyroModule):
         """
         pyro.module(f"{self.config.name}.decoder", self.decoder)
         if x is None:
-            batch = _check_positive_int("num_samples", num_samples)
+            batch = check_int("num_samples", num_samples)
         else:
             self._check_x(x)
             batch = x.shape[0]
@@ -218,6 +219,6 @@ class VAE(PyroModule):
     @torch.no_grad()
     def sample(self, num_samples: int) -> torch.Tensor:
         """Means of p(x|z) for ``z`` drawn from the prior, shape ``(num_samples, *event_shape)``."""
-        num_samples = _check_positive_int("num_samples", num_samples)
+        num_samples = check_int("num_samples", num_samples)
         z = dist.Normal(self.prior_loc, self.prior_scale).sample((num_samples,))
         return self.decode(z).mean
