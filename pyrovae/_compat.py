@@ -11,7 +11,8 @@ from typing import Optional, Tuple
 import pyro
 import torch
 
-__all__ = ["TESTED", "split_module_param_name", "trace_elbo_log_r", "get_elbo_traces", "make_fx"]
+__all__ = ["TESTED", "split_module_param_name", "trace_elbo_log_r", "get_elbo_traces", "make_fx", "is_deterministic",
+           "plate_full_size", "pack_trace", "packed_dims"]
 
 #: versions on which every helper below was checked
 TESTED = {"pyro-ppl": ("1.9.1", "1.9.2"), "torch": ("2.11", "2.13")}
@@ -50,6 +51,30 @@ def make_fx(fn, tracing_mode: str = "real"):
     from torch.fx.experimental.proxy_tensor import make_fx as _make_fx
 
     return _make_fx(fn, tracing_mode=tracing_mode)
+
+
+def is_deterministic(site) -> bool:
+    """True for a ``pyro.deterministic`` site, which Pyro records as an observed sample site
+    flagged ``infer["_deterministic"]``: it holds no density."""
+    return bool(site["infer"].get("_deterministic"))
+
+
+def plate_full_size(frame):
+    """The size of the whole plate of a subsampled ``CondIndepStackFrame`` (None if not recorded)."""
+    return getattr(frame, "full_size", None)
+
+
+def pack_trace(trace) -> dict:
+    """Compute and pack a trace's log-densities for contraction; returns plate name -> dim symbol
+    (``Trace.pack_tensors``, ``Trace.plate_to_symbol``)."""
+    trace.compute_log_prob()
+    trace.pack_tensors()
+    return trace.plate_to_symbol
+
+
+def packed_dims(tensor) -> str:
+    """The dim symbols of a packed tensor (``tensor._pyro_dims``)."""
+    return tensor._pyro_dims
 
 
 def versions() -> str:

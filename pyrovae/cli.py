@@ -1,4 +1,4 @@
-"""Command line: ``pyrovae train | evaluate | sample | reconstruct``.
+"""Command line: ``pyrovae train | evaluate | sample | reconstruct | check | compare``.
 
 Thin by design: arguments become a :class:`~pyrovae.job.TrainJob` (or the
 options of a command in :mod:`pyrovae.job`) and the library does the work. Errors the user can fix print one line, ``pyrovae:
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .data import BINARIZATIONS
 from .job import TrainJob, evaluate_run, job_of_run, reconstruct_run, run_job, sample_run
+from .workflow import check_run, compare_runs
 from .likelihoods import LIKELIHOODS
 from .nn import NETWORKS
 from .runs import CheckpointError, RunFolder
@@ -100,11 +101,64 @@ def _cmd_reconstruct(args) -> int:
     return 0
 
 
+def _cmd_check(args) -> int:
+    report = check_run(args.run, out_dir=args.out_dir, split=args.split, limit=args.limit,
+                       num_particles=args.num_particles, ppc_samples=args.ppc_samples,
+                       num_simulations=args.num_simulations, num_draws=args.num_draws,
+                       usage_samples=args.usage_samples, seed=args.seed, data_dir=args.data_dir)
+    print("\n".join(report["verdicts"]))
+    where = Path(args.out_dir) if args.out_dir else Path(args.run) / "check"
+    print(f"wrote {where / 'check.json'} and its pictures")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    import warnings
+
+    from .diagnostics import UnreliableEstimateWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnreliableEstimateWarning)  # the printed table says it first
+        result = compare_runs(args.runs, names=args.names, split=args.split, limit=args.limit,
+                              num_particles=args.num_particles, seed=args.seed, data_dir=args.data_dir,
+                              out=args.out)
+    print(result)
+    return 0
+
+
 def _positive(text):
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive int, got {text}")
     return value
+
+
+def _add_workflow_commands(sub) -> None:
+    c = sub.add_parser("check", help="the workflow report of a run: calibration (SBC), predictive checks, "
+                                     "k-hat and collapse, as JSON and pictures")
+    c.add_argument("run")
+    c.add_argument("--out-dir", dest="out_dir", help="write here instead of RUN/check")
+    c.add_argument("--split", choices=("test", "val", "train"), default="test")
+    c.add_argument("--limit", type=_positive, default=1000, help="datapoints to diagnose (default 1000)")
+    c.add_argument("--num-particles", dest="num_particles", type=_positive, default=1000)
+    c.add_argument("--ppc-samples", dest="ppc_samples", type=_positive, default=1000)
+    c.add_argument("--num-simulations", dest="num_simulations", type=_positive, default=1000, help="SBC simulations")
+    c.add_argument("--num-draws", dest="num_draws", type=_positive, default=99, help="guide draws per SBC simulation")
+    c.add_argument("--usage-samples", dest="usage_samples", type=_positive, default=10)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--data-dir", dest="data_dir")
+    c.set_defaults(func=_cmd_check)
+
+    m = sub.add_parser("compare", help="paired comparison of runs' log p(x) on the same datapoints")
+    m.add_argument("runs", nargs="+")
+    m.add_argument("--names", nargs="+")
+    m.add_argument("--split", choices=("test", "val", "train"), default="test")
+    m.add_argument("--limit", type=_positive, default=1000)
+    m.add_argument("--num-particles", dest="num_particles", type=_positive, default=1000)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--data-dir", dest="data_dir")
+    m.add_argument("--out", help="write the comparison as JSON here (and, for two runs, a picture beside it)")
+    m.set_defaults(func=_cmd_compare)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -155,6 +209,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", dest="data_dir")
     e.add_argument("--device", default="auto")
     e.set_defaults(func=_cmd_evaluate)
+
+    _add_workflow_commands(sub)
 
     for name, func, what in (("sample", _cmd_sample, "samples from the prior"), ("reconstruct", _cmd_reconstruct, "test images and reconstructions")):
         s = sub.add_parser(name, help=f"draw {what} from a run folder")

@@ -34,7 +34,8 @@ from .runs import CheckpointError, RunFolder, json_bytes, load_run
 from .train import FitConfig, fit
 from .vae import VAE, VAEConfig
 
-__all__ = ["DataConfig", "TrainJob", "run_job", "evaluate_run", "sample_run", "reconstruct_run", "job_of_run"]
+__all__ = ["DataConfig", "TrainJob", "run_job", "evaluate_run", "sample_run", "reconstruct_run", "job_of_run",
+           "job_split"]
 
 
 @dataclass(frozen=True)
@@ -234,7 +235,9 @@ def _trained_vae(run_dir, device: str):
     return run, run.vae.to(dev).eval(), dev
 
 
-def _split(job: TrainJob, split: str, data_dir: Optional[str]) -> torch.Tensor:
+def job_split(job: TrainJob, split: str, data_dir: Optional[str] = None):
+    """``(x, splits)``: one split of a job's data, optionally read from another data folder."""
+    check_choice("split", split, ("test", "val", "train"))
     data = job.data if data_dir is None else dataclasses.replace(job.data, data_dir=data_dir)
     splits = data.load(job.seed)
     return getattr(splits, split), splits
@@ -254,7 +257,7 @@ def evaluate_run(run_dir, *, num_particles: int = 5000, chunk_size: Optional[int
     folder = RunFolder(run_dir)
     job = job_of_run(folder)
     run, vae, dev = _trained_vae(run_dir, device)
-    x, splits = _split(job, split, data_dir)
+    x, splits = job_split(job, split, data_dir)
     x = x[:limit] if limit else x
     if len(x) == 0:
         raise ValueError(f"the {split} split of {splits.name!r} is empty")
@@ -314,6 +317,6 @@ def reconstruct_run(run_dir, *, num: int = 32, out=None, data_dir: Optional[str]
     path = _output(folder, out, "reconstruct/reconstructions.png")
     job = job_of_run(folder)
     run, vae, dev = _trained_vae(run_dir, device)
-    _, splits = _split(job, "test", data_dir)
+    _, splits = job_split(job, "test", data_dir)
     x = splits.test if len(splits.test) else splits.train
     return _write_picture(folder, path, _picture(plots.plot_reconstructions, vae, x[:num].to(dev)))

@@ -15,6 +15,7 @@ import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceTailAdaptive_ELBO
 from pyro.poutine.util import site_is_subsample
 
+from . import _compat
 from .pair import ModelGuidePair
 
 __all__ = ["Objective", "check_structure", "ANCHOR"]
@@ -123,7 +124,7 @@ def check_structure(pair: ModelGuidePair, batch_size: int, num_data: int) -> Non
                          f"{num_data} datapoints: each step would weigh a batch as if it were all the data, a "
                          f"biased objective. To fix it, {fix}")
     global_latents = [n for n, s in pair.model_trace.nodes.items() if s["type"] == "sample" and not s["is_observed"]
-                      and not site_is_subsample(s) and not s["cond_indep_stack"] and not s["infer"].get("_deterministic")]
+                      and not site_is_subsample(s) and not s["cond_indep_stack"] and not _compat.is_deterministic(s)]
     unscaled = [n for n, s in observed if float(s["scale"]) == 1.0]
     if global_latents and unscaled:
         raise ValueError(f"latent sites {global_latents} lie outside every plate and the observations {unscaled} are "

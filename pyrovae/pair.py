@@ -138,6 +138,17 @@ class ModelGuidePair:
         Runs without gradients and with every network in eval mode, so nothing
         is trained and no BatchNorm statistic moves. Keeps the two traces
         (:attr:`model_trace`, :attr:`guide_trace`) for structural checks.
+        Refuses a pair without parameters (there would be nothing to train).
+        """
+        capture = self.find_modules(*args, **kwargs)
+        self.has_param_sites = bool(capture.nodes)
+        self._params, self._named_modules = self._name_tensors(capture)
+
+    def find_modules(self, *args, **kwargs):
+        """Run the programs once, as :meth:`discover` does, recording the modules they call and
+        their traces, but naming no parameters (estimation needs no parameters to train).
+
+        :returns: the trace of the ``param`` sites the run met.
         """
         with torch.no_grad(), _CalledModules() as called, poutine.trace(param_only=True) as capture:
             try:
@@ -155,8 +166,7 @@ class ModelGuidePair:
                 ) from e
         self._called = called.modules
         self.model_trace, self.guide_trace = model_trace, guide_trace
-        self.has_param_sites = bool(capture.trace.nodes)
-        self._params, self._named_modules = self._name_tensors(capture.trace)
+        return capture.trace
 
     def _name_tensors(self, param_trace):
         params: Dict[str, torch.Tensor] = {}

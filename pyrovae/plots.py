@@ -202,70 +202,69 @@ def plot_sbc(result, path, *, level: float = 0.95, max_dimensions: int = 8) -> P
     return _save(fig, path)
 
 
-def plot_ppc(ppc, statistics, path, *, site: Optional[str] = None, num_replicates: int = 100, seed: int = 0) -> Path:
-    """Posterior predictive checks, raw q against the importance-reweighted posterior.
+def plot_ppc(statistics, path) -> Path:
+    """Posterior predictive checks, the importance-reweighted posterior against raw q.
 
-    One row per statistic: its distribution over the datapoints, observed and
-    replicated (left), and the per-datapoint p-values (right; a calibrated
-    check gives a flat histogram, mass at 0 or 1 flags datapoints the model
-    does not reproduce).
+    One row per statistic T: its distribution over the datapoints, in the data
+    and in the replicated data sets (left), and the per-datapoint p-values
+    (right: flat when the model reproduces T; mass at 0 or 1 flags datapoints
+    it does not).
 
-    :param ppc: a :class:`~pyrovae.diagnostics.ReweightedPredictive`.
-    :param statistics: ``{name: statistic}``, each mapping ``(..., *event_shape)`` to ``(...)``.
+    :param statistics: :class:`~pyrovae.diagnostics.PPCStatistic` objects.
     """
     rows = len(statistics)
     fig = _figure((9, 2.8 * rows))
     axes = fig.subplots(rows, 2, squeeze=False)
-    for i, (name, statistic) in enumerate(statistics.items()):
-        observed = ppc.observed[ppc._site(site)]
-        t_obs = statistic(observed).double().cpu().numpy()
-        hist = {"density": True, "histtype": "step", "bins": 30}
+    hist = {"density": True, "histtype": "step", "bins": 30}
+    for i, st in enumerate(statistics):
         left, right = axes[i, 0], axes[i, 1]
-        left.hist(t_obs, color="k", label="data", **hist)
-        for weighted, colour, label in ((True, "tab:blue", "reweighted posterior"), (False, "tab:orange", "raw q")):
-            reps = ppc.resample(num_replicates, weighted=weighted, seed=seed)[ppc._site(site)]
-            left.hist(statistic(reps).double().cpu().numpy().ravel(), color=colour, label=label, **hist)
-            p = ppc.pvalues(statistic, site=site, weighted=weighted).cpu().numpy()
-            right.hist(p, bins=20, range=(0, 1), color=colour, alpha=0.5, label=label)
-        left.set_xlabel(name)
-        right.set_xlabel(f"p-value of {name} per datapoint")
+        left.hist(st.observed.double().numpy(), color="k", label="data", linewidth=1.5, **hist)
+        for rep, p, colour, label in ((st.replicated, st.pvalues, "tab:blue", "reweighted posterior"),
+                                      (st.replicated_raw, st.pvalues_raw, "tab:orange", "raw q")):
+            left.hist(rep.double().numpy().ravel(), color=colour, label=label, **hist)
+            right.hist(p.double().numpy(), bins=20, range=(0, 1), color=colour, alpha=0.5, label=label)
+        left.set_xlabel(f"{st.name} per datapoint")
+        right.set_xlabel(f"p-value of {st.name} per datapoint")
         left.legend(fontsize=7)
         right.legend(fontsize=7)
+    fig.tight_layout()
     return _save(fig, path)
 
 
 def plot_collapse(usage, path) -> Path:
-    """Activity and KL of each latent coordinate, and the ELBO split (nats per datapoint).
+    """Activity and KL of each latent coordinate, and the KL term split into the mutual
+    information and the marginal KL (nats per datapoint).
 
     :param usage: a :class:`~pyrovae.diagnostics.LatentUsage`.
     """
     units = usage.units
-    fig = _figure((12, 3.6))
+    fig = _figure((12, 3.8))
     a, k, e = fig.subplots(1, 3)
     xs = np.arange(len(units.names))
     colours = ["tab:blue" if on else "0.6" for on in units.active.tolist()]
-    a.bar(xs, units.activity.clamp(min=1e-6).numpy(), color=colours)
+    activity = units.activity.double().clamp(min=1e-8).numpy()
+    a.bar(xs, activity, color=colours)
     a.set_yscale("log")
+    a.set_ylim(min(activity.min(), units.threshold) / 3, max(activity.max(), units.threshold) * 3)
     a.axhline(units.threshold, color="tab:red", linewidth=1, label=f"threshold {units.threshold:g}")
     a.set_xticks(xs, units.names, rotation=90, fontsize=7)
-    a.set_ylabel("activity Var_x E_q[z_u]")
-    a.set_title(f"{units.count} of {len(units.names)} units active", fontsize=10)
+    a.set_ylabel("activity Var_x E_q[z_u | x]")
+    a.set_title(f"{units.count} of {len(units.names)} units active (blue)", fontsize=10)
     a.legend(fontsize=7)
     kx = np.arange(len(usage.kl_names))
     k.bar(kx, usage.kl.numpy(), color="tab:purple")
     k.set_xticks(kx, usage.kl_names, rotation=90, fontsize=7)
-    k.set_ylabel("KL(q(z_u|x) || p(z_u)), nats")
-    k.set_title("KL per latent dimension", fontsize=10)
-    e.bar([0], [usage.reconstruction], color="tab:green", label="reconstruction E_q log p(x|z)")
-    e.bar([1], [-usage.mutual_information], color="tab:blue", label="- mutual information I_q(x; z)")
-    e.bar([1], [-usage.marginal_kl], bottom=[-usage.mutual_information], color="tab:orange",
-          label="- marginal KL(q(z) || p(z))")
-    e.bar([2], [usage.elbo], color="k", label="ELBO")
-    e.set_xticks([0, 1, 2], ["recon.", "- KL", "ELBO"])
-    e.axhline(0, color="k", linewidth=0.5)
+    k.set_ylabel("nats per datapoint")
+    k.set_title("KL(q(z_u|x) || p(z_u)) per dimension", fontsize=10)
+    parts = [usage.kl_total, usage.mutual_information, usage.marginal_kl]
+    e.bar([0, 1, 2], parts, color=["tab:purple", "tab:blue", "tab:orange"])
+    e.axhline(math.log(usage.num_datapoints), color="k", linestyle=":", linewidth=1, label="log N (most MI measurable)")
+    e.set_xticks([0, 1, 2], ["KL", "mutual\ninformation", "marginal\nKL"])
     e.set_ylabel("nats per datapoint")
-    e.set_title("ELBO = reconstruction - KL", fontsize=10)
+    e.set_title(f"ELBO {usage.elbo:.2f} = reconstruction {usage.reconstruction:.2f} - KL {usage.kl_total:.2f}",
+                fontsize=9)
     e.legend(fontsize=7)
+    fig.tight_layout()
     return _save(fig, path)
 
 

@@ -36,6 +36,7 @@ from . import distributed, rng
 from ._checks import check_bool, check_choice, check_float, check_int, check_seed
 from .data import DataSplits, LoaderBatches, TensorBatches
 from .handlers import ScaleLatents
+from .iwae import IWAE, IWAEDReG
 from .objectives import ANCHOR, Objective, check_structure
 from .sources import Source, SourceRun
 from .pair import ModelGuidePair, copy_into, batch_arguments
@@ -45,8 +46,9 @@ from .static import StaticStep
 __all__ = ["fit", "FitConfig", "FitResult", "TrainState", "Trainer", "NonFiniteLossError", "ELBOS", "OPTIMIZERS",
            "LR_SCHEDULES"]
 
-#: ELBO estimators by key (relatives of Trace_ELBO that keep per-datapoint plates)
-ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
+#: ELBO estimators by key: Pyro's Trace_ELBO and TraceMeanField_ELBO, and the per-datapoint
+#: IWAE-K bound with the plain or the doubly-reparameterised gradient (:mod:`pyrovae.iwae`)
+ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "iwae": IWAE, "iwae-dreg": IWAEDReG}
 #: optimisers by key
 OPTIMIZERS = {
     "adam": torch.optim.Adam,
@@ -66,8 +68,9 @@ LR_SCHEDULES = {
 #: options a resumed run may change; the others define the objective or the batch order
 RESUMABLE_CHANGES = frozenset({"epochs", "lr", "device", "progress", "patience", "checkpoint_every", "static_graph",
                                "validate", "clip_norm"})
-#: files of earlier evaluations, removed when training moves the checkpoint on
-EVALUATION_FILES = ("evaluate/evaluation.json", "evaluate/khat.png")
+#: folders of a run folder whose files describe one checkpoint (what later commands wrote):
+#: removed when training moves the checkpoint on
+DERIVED_FOLDERS = ("evaluate", "check", "sample", "reconstruct")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -790,8 +793,12 @@ def fit(
     :param str optimizer: key of :data:`OPTIMIZERS`.
     :param float weight_decay: optimiser weight decay.
     :param elbo: key of :data:`ELBOS` (``"trace"``: Trace_ELBO, ``"meanfield"``:
-        TraceMeanField_ELBO, analytic KL where available), or an ELBO instance.
-    :param int num_particles: particles per step, vectorised.
+        TraceMeanField_ELBO, analytic KL where available; ``"iwae"``: the IWAE-K
+        bound per datapoint with K = ``num_particles``; ``"iwae-dreg"``: the same
+        bound with the doubly-reparameterised guide gradient), or any Pyro ELBO
+        instance (``TraceGraph_ELBO``, ``RenyiELBO``, ``TraceEnum_ELBO``, ...).
+        Static-graph steps cover ``Trace_ELBO``; the others run eagerly.
+    :param int num_particles: particles per step, vectorised (K for the IWAE bounds).
     :param float clip_norm: clip the gradient norm to this value; a non-finite
         gradient norm then stops training like a non-finite loss.
     :param str lr_schedule: key of :data:`LR_SCHEDULES` or None.
@@ -906,5 +913,6 @@ def _train(trainer, pair, config, metadata, group, folder, ckpt) -> FitResult:
         config_json = {"pyrovae_format": 2, "pair": pair.describe(), "fit": asdict(config),
                        "elbo": trainer.objective.describe(),
                        "world_size": group.world_size, "metadata": metadata or {}}
-        folder.commit(files={CONFIG: json_bytes(config_json)}, remove=EVALUATION_FILES if ckpt is not None else ())
+        stale = [f for f in folder.manifest()["files"] if f.split("/")[0] in DERIVED_FOLDERS] if folder.exists() else []
+        folder.commit(files={CONFIG: json_bytes(config_json)}, remove=tuple(stale))
     return trainer.run()

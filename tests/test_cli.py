@@ -78,3 +78,19 @@ def test_static_graph_flag(tmp_path):
     assert main(["train", "--run-dir", str(tmp_path / "off"), *TINY, "--static-graph", "off"]) == 0
     report = json.loads((tmp_path / "off" / "report.json").read_text())
     assert report["static_graph"] is False and report["static_graph_off"] == "static_graph=False", report
+
+
+def test_check_and_compare_commands(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), *TINY]) == 0
+    small = ["--limit", "30", "--num-particles", "20"]
+    assert main(["check", str(run), *small, "--ppc-samples", "20", "--num-simulations", "50", "--num-draws", "9",
+                 "--usage-samples", "2"]) == 0
+    report = json.loads((run / "check" / "check.json").read_text())
+    assert report["format"] == "pyrovae-check/1"
+    out = tmp_path / "comparison.json"
+    assert main(["compare", str(run), str(run), "--names", "a", "b", *small, "--out", str(out)]) == 0
+    assert json.loads(out.read_text()) and "a" in capsys.readouterr().out
+    # a resume moves the checkpoint on; the check described the old one and goes
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--no-progress", "--eval-particles", "0"]) == 0
+    assert not (run / "check" / "check.json").exists()

@@ -58,3 +58,21 @@ def test_make_fx_records_a_step():
 def test_tested_versions_are_recorded():
     assert pyro.__version__.startswith(tuple(v.rsplit(".", 1)[0] for v in _compat.TESTED["pyro-ppl"])), \
         f"pyro-ppl {pyro.__version__} is not among the tested {_compat.TESTED['pyro-ppl']}"
+
+
+def test_trace_packing_and_site_flags():
+    def model():
+        with pyro.plate("data", 3):
+            pyro.sample("x", dist.Normal(0.0, 1.0), obs=torch.zeros(3))
+            pyro.deterministic("d", torch.ones(3))
+        with pyro.plate("big", 10, subsample_size=4):
+            pyro.sample("y", dist.Normal(0.0, 1.0), obs=torch.zeros(4))
+
+    trace = pyro.poutine.trace(model).get_trace()
+    symbols = _compat.pack_trace(trace)
+    assert set(symbols) >= {"data", "big"}, f"Trace.plate_to_symbol changed under {VERSIONS}"
+    dims = _compat.packed_dims(trace.nodes["x"]["packed"]["log_prob"])
+    assert dims == symbols["data"], f"packed tensors' _pyro_dims changed under {VERSIONS}: {dims!r}"
+    assert _compat.is_deterministic(trace.nodes["d"]) and not _compat.is_deterministic(trace.nodes["x"]), VERSIONS
+    (frame,) = trace.nodes["y"]["cond_indep_stack"]
+    assert (_compat.plate_full_size(frame), frame.size) == (10, 4), f"CondIndepStackFrame changed under {VERSIONS}"

@@ -1,0 +1,636 @@
+"""Per-datapoint log importance weights of any model/guide pair.
+
+For K particles z_k ~ q(z | x_i) and every datapoint x_i of the data plate::
+
+    log w_ik = log p(x_i, z_k) - log q(z_k | x_i)            shape (K, N)
+
+This module is the one place that runs a pair over particles; both
+:func:`pyrovae.log_marginal` and :func:`pyrovae.diagnostics.to_inference_data`
+read their numbers from it, so they cannot disagree.
+
+* **Vectorised particles.** Particles are an extra plate left of every plate
+  the programs declare; a chunk of particles is one run of the guide and one
+  replay of the model.
+* **What counts.** Log-densities are read from the traces, unscaled
+  (``poutine.scale``: β, KL warm-up and subsampling scales are training
+  weights) but masked (``poutine.mask`` and ``.mask()`` remove terms from the
+  density itself). Discrete latents that the model enumerates
+  (``infer={"enumerate": "parallel"}``) are summed out exactly per datapoint
+  with Pyro's tensor contraction, so log p(x_i, z) is the density of the
+  continuous latents the guide proposes.
+* **Trust, then verify.** A program may not survive an extra batch dimension
+  (boolean-mask indexing, ``reshape(len(x), ...)``), or may broadcast wrongly
+  without raising. The first vectorised chunk is therefore compared with the
+  same particles replayed one at a time; on an error or a disagreement every
+  particle runs sequentially, K stays exact, and the result says so.
+* **Refusals** name the site and say what to change: latents outside the data
+  plate, latents only the guide samples, latents the guide does not propose,
+  random subsets (``subsample_size``), observations outside the data plate.
+
+References:
+
+* Burda, Grosse, Salakhutdinov (2016). Importance Weighted Autoencoders. ICLR.
+* Obermeyer et al. (2019). Tensor Variable Elimination for Plated Factor
+  Graphs. ICML (the contraction that sums enumerated latents).
+"""
+
+import contextlib
+import functools
+import inspect
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import pyro
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
+from pyro.infer import infer_discrete
+from pyro.ops import packed
+from pyro.ops.contract import contract_to_tensor
+from pyro.ops.rings import LogRing
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+
+from . import _compat
+from .pair import ModelGuidePair, batch_arguments
+
+__all__ = [
+    "PARTICLE_PLATE",
+    "PairStructure",
+    "ParticlePass",
+    "LogWeights",
+    "inspect_pair",
+    "log_weights",
+    "particle_pass",
+    "sequential_pass",
+    "evaluating",
+    "program_arguments",
+    "declared_parameters",
+    "data_name",
+    "merge_kwargs",
+    "posterior_traces",
+    "predictive_traces",
+    "datapoint_major",
+]
+
+PARTICLE_PLATE = "_pyrovae_particles"
+# Weights spanning less than this many units of round-off (machine epsilon times the summed
+# magnitude of the log-densities) are equal up to round-off: constant, as under an exact guide.
+ROUNDOFF_ULPS = 64
+# A vectorised and a sequential run of the same particle may differ by kernel round-off only;
+# a broadcasting bug shifts a log weight by far more than this many ulps of its terms.
+_CHECK_ULPS = 1024
+
+
+@dataclass(frozen=True)
+class PairStructure:
+    """What one unvectorised run of a pair shows about its programs.
+
+    :ivar str plate: name of the data plate.
+    :ivar int plate_dim: the data plate's dim as the programs declare it (negative).
+    :ivar int size: N, the datapoints in the plate.
+    :ivar int nesting: how many dims the programs' plates use (the particle plate goes left of them).
+    :ivar tuple observed: observed site names.
+    :ivar tuple latents: latent sites the guide proposes (and the model scores).
+    :ivar tuple enumerated: discrete model sites enumerated in parallel and summed out.
+    :ivar dict shapes: unvectorised value shape of each guide latent.
+    :ivar model_trace: the model's trace of this run (observed values, plates).
+    """
+
+    plate: str
+    plate_dim: int
+    size: int
+    nesting: int
+    observed: Tuple[str, ...]
+    latents: Tuple[str, ...]
+    enumerated: Tuple[str, ...]
+    shapes: Dict[str, torch.Size] = field(repr=False)
+    model_trace: poutine.Trace = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class ParticlePass:
+    """Log weights of ``num`` particles and, if kept, the traces that produced them.
+
+    :ivar torch.Tensor log_weights: ``(num, N)``, float64.
+    :ivar torch.Tensor roundoff: ``(N,)``: the spread of log weights that round-off alone can cause.
+    :ivar tuple guide_traces: one vectorised trace, or one trace per particle (sequential).
+    :ivar tuple model_traces: the model's traces, replayed on ``guide_traces``.
+    :ivar bool vectorized: whether the traces carry a particle dimension.
+    """
+
+    log_weights: torch.Tensor
+    roundoff: torch.Tensor
+    guide_traces: tuple = field(default=(), repr=False)
+    model_traces: tuple = field(default=(), repr=False)
+    vectorized: bool = True
+
+
+@dataclass(frozen=True)
+class LogWeights:
+    """All K particles of one batch.
+
+    :ivar torch.Tensor log_weights: ``(K, N)``, float64.
+    :ivar torch.Tensor roundoff: ``(N,)``, see :class:`ParticlePass`.
+    :ivar bool sequential: particles ran one at a time (the program could not be vectorised).
+    :ivar str fallback_reason: why, when ``sequential``.
+    :ivar tuple passes: the :class:`ParticlePass` objects with traces, when kept.
+    """
+
+    log_weights: torch.Tensor
+    roundoff: torch.Tensor
+    sequential: bool = False
+    fallback_reason: Optional[str] = None
+    passes: tuple = field(default=(), repr=False)
+
+
+# --------------------------------------------------------------------------- arguments and modes
+def program_arguments(args: tuple, kwargs: dict, name: str) -> Tuple[tuple, dict]:
+    """A lone tuple or dict argument is a batch, passed as ``fit`` passes it
+    (``model(*batch)``, ``model(**batch)``); anything else is passed as given.
+
+    >>> program_arguments(({"x": 1},), {}, "data")
+    ((), {'x': 1})
+    """
+    if len(args) == 1 and not kwargs and isinstance(args[0], (tuple, list, dict)):
+        if not args[0]:
+            raise ValueError(f"{name} is an empty {type(args[0]).__name__}: there is nothing to pass to the programs")
+        return batch_arguments(args[0])
+    return args, kwargs
+
+
+def data_name(args: tuple, kwargs: dict) -> str:
+    """What error messages call the data: ``x`` for a lone tensor (``model(x)``), else ``data``."""
+    return "x" if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) else "data"
+
+
+def merge_kwargs(kwargs: dict, model_kwargs) -> dict:
+    """The programs' keyword arguments: ``**kwargs`` plus ``model_kwargs``, which
+    carries names that are also options of the calling function."""
+    if model_kwargs is None:
+        return kwargs
+    if not isinstance(model_kwargs, dict) or not all(isinstance(k, str) for k in model_kwargs):
+        raise TypeError(f"model_kwargs must be a dict with str keys, got {model_kwargs!r}")
+    both = sorted(set(kwargs) & set(model_kwargs))
+    if both:
+        raise ValueError(f"keyword arguments {both} are given both directly and in model_kwargs; give each once")
+    return {**kwargs, **model_kwargs}
+
+
+def declared_parameters(fn) -> set:
+    """Names the program accepts as keywords (empty when its signature cannot be read)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+@contextlib.contextmanager
+def evaluating(pair: ModelGuidePair, args: tuple, kwargs: dict) -> Iterator[ModelGuidePair]:
+    """Every network the pair owns or calls in ``eval()`` mode inside the block, each one's
+    mode restored after: an estimate for one datapoint must not depend on the rest of its
+    batch (BatchNorm in training mode), nor move running statistics."""
+    with torch.random.fork_rng(devices=[]):  # finding the modules must not shift the caller's draws
+        pair.find_modules(*args, **kwargs)
+    with pair.evaluating():
+        yield pair
+
+
+# --------------------------------------------------------------------------- structure
+class _RandomSubsample(Messenger):
+    """Record plates whose indices are drawn here: their subsample site has no value yet
+    when it reaches this handler (a fixed ``subsample=`` or a replayed one has). Drawn
+    indices are random unless they are all of them (no ``subsample_size``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.plates: List[str] = []
+
+    def _pyro_sample(self, msg):
+        if site_is_subsample(msg) and msg["value"] is None and msg["name"] not in self.plates:
+            self.plates.append(msg["name"])
+
+
+def _random_subsets(drawn: List[str], *traces) -> List[str]:
+    """The plates among ``drawn`` whose indices are a proper subset (``subsample_size < size``)."""
+    frames = {f.name: f for tr in traces for s in tr.nodes.values() if s["type"] == "sample"
+              for f in s["cond_indep_stack"]}
+    return [n for n in drawn if n in frames and _compat.plate_full_size(frames[n]) not in (None, frames[n].size)]
+
+
+def _sample_sites(trace, observed: bool):
+    """(name, site) of the real sample sites: no plate subsample sites, no deterministics."""
+    for name, site in trace.nodes.items():
+        if (
+            site["type"] == "sample"
+            and site["is_observed"] == observed
+            and not site_is_subsample(site)
+            and not _compat.is_deterministic(site)
+        ):
+            yield name, site
+
+
+def _frame(site, plate: str):
+    return next((f for f in site["cond_indep_stack"] if f.name == plate), None)
+
+
+def inspect_pair(model, guide, args: tuple, kwargs: dict, *, plate: str) -> PairStructure:
+    """Run the guide, then the model on its draws, once and unvectorised; refuse what
+    per-datapoint importance sampling cannot score, naming the sites and the fix.
+
+    :returns: :class:`PairStructure`.
+    """
+    with torch.random.fork_rng(devices=[]), _RandomSubsample() as random:
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    subsets = _random_subsets(random.plates, guide_trace, model_trace)
+    if subsets:
+        raise ValueError(
+            f"plate {subsets[0]!r} draws a random subset (subsample_size=...): every particle chunk "
+            "would score different datapoints. Pass the datapoints to score as the data, with the plate's "
+            "size equal to their number and no subsample_size (or fix them with subsample=indices)"
+        )
+    observed = [n for n, _ in _sample_sites(model_trace, observed=True)]
+    if not observed:
+        raise ValueError("the model has no observed sample sites (obs=...): there is no log p(x) to estimate")
+    model_latents = dict(_sample_sites(model_trace, observed=False))
+    guide_latents = dict(_sample_sites(guide_trace, observed=False))
+    frame = _data_frame(model_trace, observed, guide_latents, plate)
+    _refuse_outside(model_trace, observed, {**model_latents, **guide_latents}, plate)
+    enumerated = _refuse_unmatched(model_latents, guide_latents)
+    dims = [-f.dim for tr in (model_trace, guide_trace) for n, s in tr.nodes.items()
+            if s["type"] == "sample" for f in s["cond_indep_stack"] if f.vectorized]
+    return PairStructure(
+        plate=plate,
+        plate_dim=frame.dim,
+        size=frame.size,
+        nesting=max(dims, default=0),
+        observed=tuple(observed),
+        latents=tuple(guide_latents),
+        enumerated=tuple(enumerated),
+        shapes={n: s["value"].shape for n, s in guide_latents.items()},
+        model_trace=model_trace,
+    )
+
+
+def _data_frame(model_trace, observed, guide_latents, plate):
+    sites = [model_trace.nodes[n] for n in observed] + list(guide_latents.values())
+    frame = next((f for f in (_frame(s, plate) for s in sites) if f is not None), None)
+    if frame is None:
+        raise ValueError(
+            f"no sample site is inside a plate named {plate!r}; put the observations in "
+            f"pyro.plate({plate!r}, N) or pass plate= with the name your model uses"
+        )
+    if not frame.vectorized:
+        raise ValueError(f"plate {plate!r} must be vectorised (pyro.plate used as a context, not an iterator)")
+    return frame
+
+
+def _refuse_outside(model_trace, observed, latents, plate):
+    outside = [n for n in observed if _frame(model_trace.nodes[n], plate) is None]
+    if outside:
+        raise ValueError(
+            f"observed sites {outside} are outside plate {plate!r}; every observation must belong to a "
+            f"datapoint: move them inside pyro.plate({plate!r}, N)"
+        )
+    global_latents = sorted(n for n, s in latents.items() if _frame(s, plate) is None)
+    if global_latents:
+        raise ValueError(
+            f"latent sites {global_latents} lie outside plate {plate!r} (global latents): log p(x) does not "
+            "factorise over datapoints, so per-datapoint estimates are undefined; make them pyro.param "
+            "point estimates, or fix them with poutine.condition and hide them with poutine.block "
+            "(see the pyrovae.importance docs)"
+        )
+
+
+def _refuse_unmatched(model_latents, guide_latents) -> List[str]:
+    """The names of the model's enumerated sites; refuse latents only one program samples."""
+    guide_only = [n for n in guide_latents if n not in model_latents]
+    if guide_only:
+        raise ValueError(
+            f"the guide samples sites {guide_only} that the model does not sample as latents: their log q "
+            "would enter the weights without a matching log p, and the estimate would not be log p(x). "
+            "Remove them from the guide, or give them a prior in the model"
+        )
+    unproposed = {n: s for n, s in model_latents.items() if n not in guide_latents}
+    sequential = [n for n, s in unproposed.items() if s["infer"].get("enumerate") == "sequential"]
+    if sequential:
+        raise ValueError(
+            f"model sites {sequential} are enumerated sequentially; pyrovae sums discrete latents in "
+            'parallel: use infer={"enumerate": "parallel"} (or config_enumerate(model))'
+        )
+    missing = [n for n, s in unproposed.items() if s["infer"].get("enumerate") != "parallel"]
+    if missing:
+        raise ValueError(
+            f"model latent sites {missing} are not sampled by the guide; the guide must propose every "
+            'latent, or mark a discrete one infer={"enumerate": "parallel"} to sum it out exactly'
+        )
+    return list(unproposed)
+
+
+# --------------------------------------------------------------------------- scoring
+def _log_density(site) -> torch.Tensor:
+    # Unscaled: β, warm-up and subsampling scales are training weights, not part of p or q.
+    # Masked: poutine.mask removes the term from the density (a missing observation).
+    return scale_and_mask(site["fn"].log_prob(site["value"]), mask=site["mask"])
+
+
+def _per_datapoint(lp, structure: PairStructure, num: int, particles: bool, name: str) -> torch.Tensor:
+    """Sum a log-density over every dim but the particle and data dims: shape ``(num, N)``."""
+    width = structure.nesting + int(particles)
+    lp = torch.as_tensor(lp)
+    if lp.dim() > width:
+        raise ValueError(
+            f"site {name!r} has log_prob of shape {tuple(lp.shape)}, more batch dims than its plates "
+            f"declare; declare the extra dims with .to_event() or a pyro.plate"
+        )
+    lp = lp.reshape((1,) * (width - lp.dim()) + lp.shape)
+    data = width + structure.plate_dim
+    other = [d for d in range(width) if d != data and not (particles and d == 0)]
+    if other:
+        lp = lp.sum(other)
+    if not particles:
+        lp = lp.unsqueeze(0)
+    return lp.expand(num, structure.size)
+
+
+def _enumerated_log_joint(trace, structure: PairStructure, num: int, particles: bool) -> torch.Tensor:
+    """log p(x_i, z) with the enumerated discrete latents summed out, shape ``(num, N)``.
+
+    Every model term goes into Pyro's plated sum-product contraction: enumerated dims are
+    log-sum-exp'd inside the plates they live in, other plate dims summed, and the result kept
+    per particle and per datapoint.
+    """
+    symbols = _compat.pack_trace(trace)
+    tree, sum_dims, sizes = OrderedDict(), set(), {}
+    for _, site in (*_sample_sites(trace, True), *_sample_sites(trace, False)):
+        term = packed.scale_and_mask(site["packed"]["unscaled_log_prob"], mask=site["packed"]["mask"])
+        ordinal = frozenset(symbols[f.name] for f in site["cond_indep_stack"] if f.vectorized)
+        tree.setdefault(ordinal, []).append(term)
+        sum_dims.update(d for d in _compat.packed_dims(term) if d not in symbols.values())
+        sizes.update(zip(_compat.packed_dims(term), term.shape))
+    keep = ([PARTICLE_PLATE] if particles else []) + [structure.plate]
+    sizes.update({symbols[PARTICLE_PLATE]: num} if particles else {})
+    sizes[symbols[structure.plate]] = structure.size
+    target = [symbols[n] for n in keep]
+    total = contract_to_tensor(tree, sum_dims, target_ordinal=frozenset(target), ring=LogRing(dim_to_size=sizes))
+    total = total.permute([_compat.packed_dims(total).index(s) for s in target])
+    return total.reshape(num, structure.size)
+
+
+def _score(model_trace, guide_trace, structure: PairStructure, num: int, particles: bool):
+    """Log weights ``(num, N)`` in float64, and the round-off scale ``(N,)`` of their terms."""
+    terms = []  # (sign, log-density per datapoint, its magnitude, dtype it was computed in)
+    model_sites = (*_sample_sites(model_trace, True), *_sample_sites(model_trace, False))
+    if structure.enumerated:
+        total = _enumerated_log_joint(model_trace, structure, num, particles)
+        terms.append((1.0, total, _finite_abs(total), total.dtype))
+        model_sites = ()
+    for sign, sites in ((1.0, model_sites), (-1.0, tuple(_sample_sites(guide_trace, False)))):
+        for name, site in sites:
+            lp = torch.as_tensor(_log_density(site))
+            # Zero weights (-inf) carry no round-off; they must not make a datapoint look constant.
+            terms.append((sign, _per_datapoint(lp, structure, num, particles, name),
+                          _per_datapoint(_finite_abs(lp), structure, num, particles, name), lp.dtype))
+    lw = sum(sign * t.double() for sign, t, _, _ in terms)
+    magnitude = sum(m.double() for _, _, m, _ in terms)
+    eps = max([torch.finfo(torch.float64).eps] + [torch.finfo(d).eps for *_, d in terms if d.is_floating_point])
+    return lw, ROUNDOFF_ULPS * eps * (1.0 + magnitude.max(0).values)
+
+
+def _finite_abs(lp: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(lp), lp.abs(), torch.zeros_like(lp))
+
+
+def _trace_model(model, guide_trace, args, kwargs, structure: PairStructure, particles: bool):
+    if structure.enumerated:
+        # enum inside replay: it must see the replayed sites before they are done, to record
+        # which enumerated dims their log-densities carry.
+        model = poutine.enum(model, first_available_dim=-(structure.nesting + 1 + int(particles)))
+    return poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------- passes
+def particle_pass(model, guide, args, kwargs, structure: PairStructure, num: int) -> ParticlePass:
+    """``num`` particles in one vectorised run: the particle plate sits left of every plate of the programs."""
+    with pyro.plate(PARTICLE_PLATE, num, dim=-(structure.nesting + 1)):
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = _trace_model(model, guide_trace, args, kwargs, structure, particles=True)
+    lw, roundoff = _score(model_trace, guide_trace, structure, num, particles=True)
+    return ParticlePass(lw, roundoff, (guide_trace,), (model_trace,), vectorized=True)
+
+
+def sequential_pass(model, guide, args, kwargs, structure: PairStructure, num: int,
+                    keep_traces: bool = False) -> ParticlePass:
+    """``num`` particles, one run of the programs each, exactly as they were written."""
+    lws, roundoffs, guide_traces, model_traces = [], [], [], []
+    for _ in range(num):
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = _trace_model(model, guide_trace, args, kwargs, structure, particles=False)
+        lw, roundoff = _score(model_trace, guide_trace, structure, 1, particles=False)
+        lws.append(lw)
+        roundoffs.append(roundoff)
+        if keep_traces:
+            guide_traces.append(guide_trace)
+            model_traces.append(model_trace)
+    return ParticlePass(torch.cat(lws), torch.stack(roundoffs).max(0).values,
+                        tuple(guide_traces), tuple(model_traces), vectorized=False)
+
+
+def _replay_particle(model, guide, args, kwargs, structure: PairStructure, guide_trace, k: int):
+    """Particle ``k`` of a vectorised guide trace, replayed through the unvectorised programs."""
+    sliced = poutine.Trace()
+    for name, site in guide_trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        value = site["value"]
+        if name in structure.shapes:
+            dim = value.dim() - site["fn"].event_dim - (structure.nesting + 1)
+            value = value.select(dim, k).reshape(structure.shapes[name])
+        sliced.add_node(name, **{**site, "value": value})
+    replayed = poutine.trace(poutine.replay(guide, trace=sliced)).get_trace(*args, **kwargs)
+    model_trace = _trace_model(model, replayed, args, kwargs, structure, particles=False)
+    return _score(model_trace, replayed, structure, 1, particles=False)
+
+
+def _disagreement(model, guide, args, kwargs, structure: PairStructure, first: ParticlePass) -> Optional[str]:
+    """None if the first and last particles of a vectorised pass score the same when replayed
+    one at a time; else what differs. A program can broadcast wrongly over the particle
+    dimension without raising (``z.sum(0)``, ``reshape(len(x), -1)``)."""
+    num = first.log_weights.shape[0]
+    for k in sorted({0, num - 1}):
+        try:
+            seq, roundoff = _replay_particle(model, guide, args, kwargs, structure, first.guide_traces[0], k)
+        except Exception as error:  # the replay runs the user's program; any failure means "not the same"
+            return f"replaying particle {k} unvectorised failed ({type(error).__name__}: {error})"
+        seq, vec = seq[0], first.log_weights[k]
+        tol = (_CHECK_ULPS // ROUNDOFF_ULPS) * torch.maximum(roundoff, first.roundoff)
+        same = (seq == vec) | ((seq - vec).abs() <= tol) | (seq.isnan() & vec.isnan())
+        if not same.all():
+            i = int((~same).nonzero()[0, 0])
+            return (f"the vectorised program gives log weight {float(vec[i]):.6g} for particle {k}, datapoint {i}, "
+                    f"where the program run one particle at a time gives {float(seq[i]):.6g}: it broadcasts over "
+                    "the particle dimension in a way that changes its value")
+    return None
+
+
+def _first_chunk(model, guide, args, kwargs, structure, num) -> Tuple[Optional[ParticlePass], Optional[str]]:
+    try:
+        first = particle_pass(model, guide, args, kwargs, structure, num)
+    except Exception as error:  # any failure of the user's program under an extra batch dim falls back
+        return None, f"the program fails with particles vectorised ({type(error).__name__}: {error})"
+    reason = _disagreement(model, guide, args, kwargs, structure, first)
+    return (None, reason) if reason else (first, None)
+
+
+def log_weights(model, guide, args: tuple, kwargs: dict, structure: PairStructure, *, num_particles: int,
+                chunk_size: int, keep_traces: bool = False) -> LogWeights:
+    """Log weights of ``num_particles`` particles for every datapoint, ``chunk_size`` at a time.
+
+    The first chunk is checked against an unvectorised replay; if the program cannot be
+    vectorised, all particles run sequentially (K stays exact) and the result says why.
+    Runs with Pyro validation off: :func:`inspect_pair` validated the same programs, and
+    validation never changes a value.
+
+    :returns: :class:`LogWeights`, ``log_weights`` of shape ``(num_particles, N)``.
+    """
+    chunk = min(chunk_size, num_particles)
+    with pyro.validation_enabled(False):
+        first, reason = _first_chunk(model, guide, args, kwargs, structure, chunk)
+        if reason is None:
+            passes, done = [first], chunk
+            while done < num_particles:
+                step = min(chunk, num_particles - done)
+                passes.append(particle_pass(model, guide, args, kwargs, structure, step))
+                if not keep_traces:  # the traces hold every network output of the chunk
+                    passes[-1] = ParticlePass(passes[-1].log_weights, passes[-1].roundoff)
+                done += step
+        else:
+            passes = [sequential_pass(model, guide, args, kwargs, structure, num_particles, keep_traces)]
+    return LogWeights(
+        log_weights=torch.cat([p.log_weights for p in passes]),
+        roundoff=torch.stack([p.roundoff for p in passes]).max(0).values,
+        sequential=reason is not None,
+        fallback_reason=reason,
+        passes=tuple(passes) if keep_traces else (),
+    )
+
+
+# --------------------------------------------------------------------------- draws for export
+def _traces(passes: Sequence[ParticlePass], which: str) -> List[Tuple[poutine.Trace, bool]]:
+    return [(t, p.vectorized) for p in passes for t in getattr(p, which)]
+
+
+def posterior_traces(model, args, kwargs, structure: PairStructure, passes: Sequence[ParticlePass]):
+    """Traces holding every latent at each particle: the guide's draws, and enumerated discrete
+    latents drawn from their posterior p(c | x, z) (``infer_discrete``).
+
+    :returns: list of ``(trace, vectorized)``.
+    """
+    if not structure.enumerated:
+        return _traces(passes, "guide_traces")
+    out = []
+    for guide_trace, vectorized in _traces(passes, "guide_traces"):
+        # condition, not replay: infer_discrete's enumeration must see the guide's draws as
+        # factors that depend on the discrete latents.
+        fixed = poutine.condition(_particles(model, guide_trace, structure, vectorized),
+                                  data=_latent_values(guide_trace, structure.latents))
+        program = infer_discrete(fixed, first_available_dim=-(structure.nesting + 1 + int(vectorized)))
+        out.append((poutine.trace(program).get_trace(*args, **kwargs), vectorized))
+    return out
+
+
+def predictive_traces(model, args, kwargs, structure: PairStructure, traces):
+    """The model re-run at each posterior trace with its observations re-drawn.
+
+    :returns: list of ``(trace, vectorized)``; the observed sites hold fresh draws there.
+    """
+    out = []
+    for trace, vectorized in traces:
+        latents = _latent_values(trace, (*structure.latents, *structure.enumerated))
+        program = poutine.uncondition(_particles(model, trace, structure, vectorized))
+        out.append((poutine.trace(poutine.condition(program, data=latents)).get_trace(*args, **kwargs), vectorized))
+    return out
+
+
+def _latent_values(trace, names) -> Dict[str, torch.Tensor]:
+    return {n: trace.nodes[n]["value"] for n in names}
+
+
+def _particles(model, trace, structure: PairStructure, vectorized: bool):
+    """``model`` run inside the particle plate of ``trace`` (inside, so that handlers which
+    block outer ones, as ``infer_discrete`` does, still see it)."""
+    if not vectorized:
+        return model
+    num = next(f.size for s in trace.nodes.values() if s["type"] == "sample"
+               for f in s["cond_indep_stack"] if f.name == PARTICLE_PLATE)
+    return functools.partial(_in_plate, model, num, -(structure.nesting + 1))
+
+
+def _in_plate(model, num: int, dim: int, *args, **kwargs):
+    with pyro.plate(PARTICLE_PLATE, num, dim=dim):
+        return model(*args, **kwargs)
+
+
+def datapoint_major(site, structure: PairStructure, vectorized: bool) -> Tuple[torch.Tensor, List[Optional[str]]]:
+    """A site's value laid out as ``([particles,] N, *other plates, *other dims)``, whatever its plate layout.
+
+    :returns: the tensor and, for each dim after the data dim, the plate it belongs to (None for
+        event dims and batch dims without a plate).
+    """
+    value = site["value"]
+    event = site["fn"].event_dim
+    width = structure.nesting + int(vectorized)
+    batch = value.dim() - event
+    value = value.reshape((1,) * max(0, width - batch) + value.shape)
+    extra = max(0, batch - width)  # batch dims no plate declares, left of the plates
+    plates = {extra + width + f.dim: f.name for f in site["cond_indep_stack"]
+              if f.vectorized and f.name not in (PARTICLE_PLATE, structure.plate)}
+    data = extra + width + structure.plate_dim
+    head = [extra] if vectorized else []
+    keep = [d for d in range(extra + width) if d not in head and d != data and (d in plates or value.shape[d] > 1)]
+    drop = [d for d in range(extra + width) if d not in head + [data] + keep]
+    order = head + [data] + keep + drop + list(range(extra + width, value.dim()))
+    value = value.permute(order)
+    kept = len(head) + 1 + len(keep)  # the dropped dims (all of size 1) follow the kept ones
+    value = value.reshape(value.shape[:kept] + value.shape[kept + len(drop):])
+    names = [plates.get(d) for d in keep] + [None] * event
+    shape = list(value.shape)
+    shape[len(head)] = structure.size
+    return value.expand(shape), names
+
+
+# --------------------------------------------------------------------------- training objectives
+def training_log_weights(model, guide, args: tuple, kwargs: dict, structure: PairStructure, num: int, *,
+                         detach_draws: bool = False):
+    """``num`` vectorised particles as a training objective sees them: with gradients, and with
+    ``poutine.scale`` applied (β, KL warm-up), where importance sampling deliberately drops it.
+
+    :returns: ``(log_weights, log_q_detached, log_p)``, each ``(num, N)`` in the programs'
+        dtype: the scaled log weights; the guide's scaled log-density of its own draws with
+        the draws detached (its gradient holds only the direct dependence on the guide's
+        parameters, which the doubly-reparameterised estimator subtracts); and the model's
+        log p(x, z). With ``detach_draws`` the model scores draws cut from the guide's parameters.
+    """
+    if structure.enumerated:
+        raise ValueError(f"model sites {list(structure.enumerated)} are enumerated; the IWAE objective needs "
+                         "every latent proposed by the guide. Train this pair with TraceEnum_ELBO")
+    with pyro.plate(PARTICLE_PLATE, num, dim=-(structure.nesting + 1)):
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        if detach_draws:
+            for site in guide_trace.nodes.values():
+                if site["type"] == "sample" and not site["is_observed"]:
+                    site["value"] = site["value"].detach()
+        model_trace = _trace_model(model, guide_trace, args, kwargs, structure, particles=True)
+
+    def term(site, value):
+        lp = scale_and_mask(site["fn"].log_prob(value), scale=site["scale"], mask=site["mask"])
+        return _per_datapoint(lp, structure, num, True, site["name"])
+
+    log_p = sum(term(s, s["value"]) for _, s in (*_sample_sites(model_trace, True), *_sample_sites(model_trace, False)))
+    guide_sites = [s for _, s in _sample_sites(guide_trace, False)]
+    log_q = sum(term(s, s["value"]) for s in guide_sites)
+    log_q_detached = sum(term(s, s["value"].detach()) for s in guide_sites)
+    return log_p - log_q, log_q_detached, log_p
