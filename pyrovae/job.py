@@ -221,6 +221,9 @@ def _run_job(job: TrainJob, run_dir: Path, resume: bool) -> dict:
         files["khat.png"] = _picture(plots.plot_khat, est.khat, threshold=summary.khat_threshold)
         report["test_log_marginal"] = {**summary.to_dict(), "split": "test", "seed": job.seed,
                                        "binarize": splits.binarize}
+        # The summary in words, leading with the k-hat verdict (JSON keys are sorted, so the
+        # verdict field inside test_log_marginal does not come first)
+        report["headline"] = f"test set, K={job.eval_particles}: {summary}"
         print(f"test set: {summary}")
     report["pictures"] = sorted(files)
     report["seconds"] = time.perf_counter() - t0

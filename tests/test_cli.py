@@ -22,6 +22,8 @@ def test_train_writes_a_complete_run_folder(run):
     assert expected <= names, expected - names
     report = json.loads((run / "report.json").read_text())
     assert report["test_log_marginal"]["num_particles"] == 10
+    verdict = report["test_log_marginal"]["verdict"]
+    assert report["headline"].startswith("test set, K=10: ") and verdict.split(":")[0] in report["headline"]
     assert report["dataset"]["binarize"] == "dynamic"
 
 
