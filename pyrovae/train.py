@@ -400,6 +400,11 @@ class Trainer:
             self.static_off = "static_graph=False"
         if self.extras and self.static_off is None:
             self.static_off = "several data sources"
+        if self.static_off is None and not isinstance(self.example, torch.Tensor):
+            # StaticStep records programs of one tensor; tuple and dict batches train eagerly
+            self.static_off = "the batch is a tuple or dict of tensors (static graphs record one-tensor batches)"
+            if config.static_graph is True:
+                raise ValueError(f"static_graph=True: {self.static_off}; use static_graph='auto' or False")
         if self.static_off is None:
             self.static = StaticStep(self.elbo, self.model, self.guide, list(state.params.values()),
                                      pair=self.pair, variant=(self.scaler is not None,),
@@ -659,11 +664,13 @@ def _check_loader_sampler(data: LoaderBatches, group) -> None:
 
 
 def _cpu(batch):
+    """A CPU copy of a batch: a copy, not a view, so that a checkpoint stores these rows alone
+    (torch.save writes a view's whole storage: the entire training set)."""
     if isinstance(batch, dict):
-        return {k: v.detach().cpu() for k, v in batch.items()}
+        return {k: v.detach().cpu().clone() for k, v in batch.items()}
     if isinstance(batch, tuple):
-        return tuple(v.detach().cpu() for v in batch)
-    return batch.detach().cpu()
+        return tuple(v.detach().cpu().clone() for v in batch)
+    return batch.detach().cpu().clone()
 
 
 # ---------------------------------------------------------------------- fit

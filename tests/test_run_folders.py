@@ -282,3 +282,15 @@ def test_resume_of_an_empty_folder_says_what_to_do(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["train", "--resume", str(tmp_path / "empty")]) == 2
     assert f"pyrovae train --run-dir {tmp_path / 'empty'}" in capsys.readouterr().err
+
+
+def test_a_checkpoint_keeps_its_example_rows_not_the_training_set(tmp_path):
+    """The example datapoints were saved as a view: torch.save wrote the whole training set into
+    every checkpoint (190 MB for MNIST)."""
+    model, guide = _ppca_pair()
+    x = torch.randn(5000, 6)
+    fit(model, guide, x, epochs=1, batch_size=1000, progress=False, device="cpu", run_dir=tmp_path)
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.example.shape == (2, 6)
+    assert ckpt.example.untyped_storage().nbytes() == 2 * 6 * 4
+    assert max(p.stat().st_size for p in tmp_path.glob("checkpoint-*.pt")) < 5000 * 6 * 4 // 2
