@@ -140,8 +140,8 @@ def test_early_stopping_and_kl_warmup():
 @pytest.mark.parametrize(
     "kwargs, err, match",
     [
-        ({"epochs": 0}, ValueError, "epochs must be >= 1, got 0"),
-        ({"batch_size": -3}, ValueError, "batch_size must be >= 1, got -3"),
+        ({"epochs": 0}, ValueError, "epochs must be a positive int, got 0"),
+        ({"batch_size": -3}, ValueError, "batch_size must be a positive int, got -3"),
         ({"lr": float("nan")}, ValueError, "lr must be a positive finite float, got nan"),
         ({"optimizer": "lbfgs"}, ValueError, "optimizer 'lbfgs' is not one of"),
         ({"elbo": "renyi"}, ValueError, "elbo 'renyi' is not one of"),
