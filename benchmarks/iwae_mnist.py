@@ -22,7 +22,7 @@ writes ``benchmarks/results/iwae_mnist.txt`` (the report), ``.json`` (every
 figure) and ``.csv`` (the per-image estimates, to recompute the difference).
 On a shared machine the seconds per epoch of the long runs are disturbed by
 other jobs; ``--timing-repeats 3`` times the two objectives alone, alternating
-(``iwae_mnist_timing.txt``), with CPU time beside wall time.
+(``iwae_mnist.timing.txt``), with CPU time beside wall time.
 """
 
 import argparse
@@ -130,8 +130,8 @@ def timing(init_state, splits, args):
         f"load average at the end (1, 5, 15 min): {', '.join(f'{v:.1f}' for v in out['load_average_at_end'])}",
     ]) + "\n"
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}_timing.json").write_text(json.dumps(out, indent=2) + "\n")
-    (RESULTS / f"{args.out}_timing.txt").write_text(text)
+    (RESULTS / f"{args.out}.timing.json").write_text(json.dumps(out, indent=2) + "\n")
+    (RESULTS / f"{args.out}.timing.txt").write_text(text)
     print(text)
     return out
 
@@ -190,9 +190,9 @@ def main(args):
         "seconds_per_epoch_ratio_iwae_over_trace": ratio,
     }
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / args.out
-    stem.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+    stem = str(RESULTS / args.out)
+    Path(stem + ".json").write_text(json.dumps(out, indent=2) + "\n")
+    with open(stem + ".csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["test_index", "log_marginal_trace", "log_marginal_iwae", "stderr_trace", "stderr_iwae"])
         for i in range(n):
@@ -225,7 +225,7 @@ def main(args):
         f"k-hat verdicts: trace: {runs['trace']['verdict']}; iwae: {runs['iwae']['verdict']}",
     ]
     text = "\n".join(lines) + "\n"
-    stem.with_suffix(".txt").write_text(text)
+    Path(stem + ".txt").write_text(text)
     print(text)
     return out
 
