@@ -40,7 +40,7 @@ def make_pair(d, k):
 
 def exact_log_marginal(x):
     W, b, sigma = pyro.param("W").detach(), pyro.param("b").detach(), pyro.param("sigma").detach()
-    cov = W @ W.T + sigma**2 * torch.eye(len(b))
+    cov = W @ W.T + sigma**2 * torch.eye(len(b), device=b.device)
     return dist.MultivariateNormal(b, covariance_matrix=cov).log_prob(x)
 
 
@@ -48,11 +48,12 @@ def main(args):
     pyro.clear_param_store()
     torch.manual_seed(args.seed)
     d, k = 8, 2
-    true_W = torch.randn(d, k)
-    x = torch.randn(args.n, k) @ true_W.T + 0.3 * torch.randn(args.n, d)
-    model, guide = make_pair(d, k)
+    with torch.device(args.device):  # the data and the encoder are created on the training device
+        true_W = torch.randn(d, k)
+        x = torch.randn(args.n, k) @ true_W.T + 0.3 * torch.randn(args.n, d)
+        model, guide = make_pair(d, k)
     result = pyrovae.fit(model, guide, x, epochs=args.epochs, batch_size=64, lr=0.02, seed=args.seed,
-                         device="cpu", progress=False, run_dir=args.run_dir)
+                         device=args.device, progress=False, run_dir=args.run_dir)
     print(f"ELBO: {result.train_elbo[0]:.3f} -> {result.train_elbo[-1]:.3f} nats per datapoint")
     est = pyrovae.log_marginal(model, guide, x[:100], num_particles=args.num_particles)
     exact = exact_log_marginal(x[:100]).double()
@@ -69,6 +70,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-particles", type=int, default=1000)
     p.add_argument("--run-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     return p
 
 

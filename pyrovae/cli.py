@@ -22,7 +22,7 @@ from .train import ELBOS, LR_SCHEDULES, RESUMABLE_CHANGES, NonFiniteLossError
 __all__ = ["main"]
 
 
-#: ``--static-graph`` values and what they mean for :func:`~pyrovae.fit`
+#: ``--static-graph`` and ``--cuda-graph`` values and what they mean for :func:`~pyrovae.fit`
 STATIC_GRAPH = {"auto": "auto", "on": True, "off": False}
 #: options of ``pyrovae train`` that are job fields (the rest steer the command)
 _COMMAND_ONLY = {"run_dir", "resume", "func", "command"}
@@ -31,8 +31,9 @@ _COMMAND_ONLY = {"run_dir", "resume", "func", "command"}
 def _job_options(args) -> dict:
     """The options given on the command line, by job field name."""
     options = {k: v for k, v in vars(args).items() if k not in _COMMAND_ONLY and v is not None}
-    if "static_graph" in options:
-        options["static_graph"] = STATIC_GRAPH[options["static_graph"]]
+    for name in ("static_graph", "cuda_graph"):
+        if name in options:
+            options[name] = STATIC_GRAPH[options[name]]
     if "hidden" in options:
         options["hidden"] = tuple(options["hidden"])
     return options
@@ -194,6 +195,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", dest="checkpoint_every", type=_positive)
     t.add_argument("--static-graph", dest="static_graph", choices=sorted(STATIC_GRAPH),
                    help="replay recorded steps, bitwise equal to eager Pyro (default auto: for runs of 300+ steps)")
+    t.add_argument("--cuda-graph", dest="cuda_graph", choices=sorted(STATIC_GRAPH),
+                   help="on CUDA, replay recorded steps with the optimiser's update as CUDA graphs (default auto)")
     t.add_argument("--run-dir", dest="run_dir", help="output folder, new or empty (default runs/<dataset>-<time>)")
     t.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
     t.add_argument("--no-progress", dest="progress", action="store_const", const=False)

@@ -106,7 +106,7 @@ def psis_khat(log_weights: torch.Tensor, *, tol=None) -> torch.Tensor:
         :func:`khat_min_draws`, or every weight zero), read as "unreliable".
 
     >>> lw = torch.zeros(200, 2, dtype=torch.float64)
-    >>> lw[:, 1] = torch.randn(200, generator=torch.Generator().manual_seed(0)) * 0.1
+    >>> lw[:, 1] = torch.randn(200, generator=torch.Generator().manual_seed(0), device="cpu") * 0.1
     >>> k = psis_khat(lw)
     >>> k[0].item(), bool(k[1] < 0.5)
     (-inf, True)
@@ -122,7 +122,7 @@ def psis_khat(log_weights: torch.Tensor, *, tol=None) -> torch.Tensor:
     tol = _khat_tol(tol, top)
     constant = finite.any(0) & (top - bottom <= tol)
     fit = finite.any(0) & ~constant
-    out = torch.full((lw.shape[1],), math.inf, dtype=torch.float64)
+    out = torch.full((lw.shape[1],), math.inf, dtype=torch.float64, device="cpu")
     out[constant] = -math.inf
     if fit.any():
         az = _arviz()
@@ -131,7 +131,7 @@ def psis_khat(log_weights: torch.Tensor, *, tol=None) -> torch.Tensor:
             warnings.simplefilter("ignore", UserWarning)
             warnings.simplefilter("ignore", RuntimeWarning)
             _, kss = az.psislw(lw[:, fit].T.contiguous().numpy(), reff=1.0)
-        out[fit] = torch.as_tensor(np.asarray(kss, dtype=np.float64)).reshape(-1)
+        out[fit] = torch.as_tensor(np.asarray(kss, dtype=np.float64), device="cpu").reshape(-1)
     return out
 
 
@@ -140,7 +140,8 @@ def _khat_tol(tol, top: torch.Tensor) -> torch.Tensor:
         return ROUNDOFF_ULPS * torch.finfo(torch.float64).eps * (1.0 + top.abs())
     if isinstance(tol, bool) or not isinstance(tol, (int, float, torch.Tensor)):
         raise TypeError(f"tol must be a float or a tensor of shape (N,), got {tol!r}")
-    tol = torch.as_tensor(tol, dtype=torch.float64).detach().cpu()
+    tol = tol.detach().to("cpu", torch.float64) if isinstance(tol, torch.Tensor) else torch.tensor(
+        float(tol), dtype=torch.float64, device="cpu")
     if tol.dim() > 1 or tol.numel() not in (1, top.numel()) or not (tol >= 0).all():
         raise ValueError(f"tol must be a non-negative float or a tensor of shape ({top.numel()},), got {tol!r}")
     return tol.expand_as(top)
@@ -307,7 +308,7 @@ def _inference_data(structure: PairStructure, weights, traces, replicated, num_c
 
     lw = weights.log_weights.cpu()
     S, n = lw.shape
-    chains = lambda t: t.reshape(num_chains, S // num_chains, *t.shape[1:]).numpy()
+    chains = lambda t: t.reshape(num_chains, S // num_chains, *t.shape[1:]).detach().cpu().numpy()
     names = _ExportNames([*structure.latents, *structure.enumerated, *structure.observed])
     data_dim = names.dim(structure.plate)
     groups = {"posterior": {}, "posterior_predictive": {}, "observed_data": {}}
@@ -340,7 +341,7 @@ def _inference_data(structure: PairStructure, weights, traces, replicated, num_c
     stats = {"khat": psis_khat(lw, tol=weights.roundoff), "log_marginal": log_marginal,
              "ess": torch.exp(2 * lse - torch.logsumexp(2 * lw, 0))}
     for key, value in stats.items():
-        idata.sample_stats[key] = xr.DataArray(value.numpy(), dims=[data_dim])
+        idata.sample_stats[key] = xr.DataArray(value.detach().cpu().numpy(), dims=[data_dim])
     for group in idata.groups() if names.renamed() else ():
         getattr(idata, group).attrs["pyrovae_site_names"] = json.dumps(names.renamed())
     if weights.sequential:
@@ -511,7 +512,7 @@ def _psis(log_weights: torch.Tensor) -> torch.Tensor:
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", RuntimeWarning)
         smoothed, _ = az.psislw(lw, reff=1.0)
-    return torch.as_tensor(np.asarray(smoothed, dtype=np.float64)).T.contiguous().to(log_weights.device)
+    return torch.as_tensor(np.asarray(smoothed, dtype=np.float64), device="cpu").T.contiguous().to(log_weights.device)
 
 
 @contextlib.contextmanager
@@ -560,7 +561,7 @@ class ECDFBand(NamedTuple):
 
 def _binomial_cdf(n: int, probs: torch.Tensor) -> torch.Tensor:
     """CDF table of Binomial(n, p) for each p: ``(len(probs), n + 1)``, float64."""
-    k = torch.arange(n + 1, dtype=torch.float64)
+    k = torch.arange(n + 1, dtype=torch.float64, device=probs.device)
     pmf = torch.distributions.Binomial(n, probs=probs.double()[:, None]).log_prob(k).exp()
     return pmf.cumsum(-1).clamp(max=1.0)
 
@@ -574,13 +575,13 @@ def _ecdf_band(num_simulations: int, num_draws: int, level: float, num_trials: i
     """Säilynoja et al. (2022): the pointwise binomial level at which ``level`` of simulated
     uniform-rank ECDFs stay inside everywhere, found by simulation."""
     s, values = num_simulations, num_draws + 1
-    k = torch.unique(torch.linspace(1, values - 1, min(values - 1, 99)).round().long())
+    k = torch.unique(torch.linspace(1, values - 1, min(values - 1, 99), device="cpu").round().long())
     z = k.double() / values
     cdf = _binomial_cdf(s, z)  # (P, s + 1)
     gen = torch.Generator().manual_seed(seed)
-    ranks = torch.randint(0, values, (num_trials, s), generator=gen).sort(-1).values
+    ranks = torch.randint(0, values, (num_trials, s), generator=gen, device="cpu").sort(-1).values
     counts = torch.searchsorted(ranks, k.expand(num_trials, -1).contiguous())  # (trials, P): ranks below k
-    rows = torch.arange(len(k))
+    rows = torch.arange(len(k), device="cpu")
     below = cdf[rows, counts]
     above = 1 - torch.where(counts > 0, cdf[rows, (counts - 1).clamp(min=0)], torch.zeros_like(below))
     tail = (2 * torch.minimum(below, above)).clamp(max=1).min(-1).values  # most extreme point of each ECDF
@@ -593,12 +594,12 @@ def _ecdf_band(num_simulations: int, num_draws: int, level: float, num_trials: i
 def _uniformity_pvalues(ranks: torch.Tensor, num_draws: int, num_bins: int) -> torch.Tensor:
     """Pearson chi-square test of uniform ranks on ``num_bins`` bins, per column: ``(D,)``."""
     values = num_draws + 1
-    width = torch.bincount(torch.arange(values) * num_bins // values, minlength=num_bins).double()
+    width = torch.bincount(torch.arange(values, device="cpu") * num_bins // values, minlength=num_bins).double()
     expected = ranks.shape[0] * width / values
     bins = ranks.cpu() * num_bins // values  # (S, D)
     counts = torch.nn.functional.one_hot(bins, num_bins).sum(0).double()  # (D, bins)
     stat = ((counts - expected) ** 2 / expected).sum(-1)
-    return torch.special.gammaincc(torch.tensor((num_bins - 1) / 2, dtype=torch.float64), stat / 2)
+    return torch.special.gammaincc(torch.tensor((num_bins - 1) / 2, dtype=torch.float64, device="cpu"), stat / 2)
 
 
 @dataclass(frozen=True)
@@ -658,7 +659,7 @@ class SBCResult:
 
         :param levels: credibility levels in ``[0, 1]``.
         """
-        levels = torch.as_tensor(levels, dtype=torch.float64).reshape(-1)
+        levels = torch.as_tensor(levels, dtype=torch.float64, device="cpu").reshape(-1)
         if levels.numel() == 0 or not ((levels >= 0) & (levels <= 1)).all():
             raise ValueError(f"levels must be credibility levels in [0, 1], got {levels.tolist()}")
         check_choice("region", region, ("hpd", "central"))
@@ -677,7 +678,7 @@ class SBCResult:
         values, bins = self.num_draws + 1, self.bins
         idx = self.ranks.cpu() * bins // values
         counts = torch.nn.functional.one_hot(idx, bins).sum(0)
-        width = torch.bincount(torch.arange(values) * bins // values, minlength=bins).double()
+        width = torch.bincount(torch.arange(values, device="cpu") * bins // values, minlength=bins).double()
         cdf = _binomial_cdf(self.num_simulations, width / values)
         return counts, _binomial_quantile(cdf, (1 - level) / 2), _binomial_quantile(cdf, (1 + level) / 2)
 
@@ -1539,7 +1540,7 @@ def latent_usage(
     ...     with pyro.plate("data", len(x)):
     ...         loc = torch.cat([x / 2, torch.zeros_like(x)], -1)
     ...         pyro.sample("z", dist.Normal(loc, torch.tensor([0.5 ** 0.5, 1.0])).to_event(1))
-    >>> x = torch.randn(200, 1, generator=torch.Generator().manual_seed(0)) * 2 ** 0.5  # x ~ p(x)
+    >>> x = torch.randn(200, 1) * 2 ** 0.5  # x ~ p(x)
     >>> usage = latent_usage(model, guide, x)
     >>> usage.units.count, [round(k, 1) for k in usage.kl.tolist()]  # E_x KL = (log 2) / 2 for z[0]
     (1, [0.3, 0.0])

@@ -19,12 +19,13 @@ whose parameters may live in Pyro's param store rather than in one module.
 In a single process every operation here is a no-op.
 """
 
+import contextlib
 import os
 from typing import Iterable, List, Optional
 
 import torch
 
-__all__ = ["Group", "setup", "resolve_device", "check_device"]
+__all__ = ["Group", "setup", "resolve_device", "check_device", "default_device"]
 
 
 def check_device(device) -> str:
@@ -58,6 +59,22 @@ def resolve_device(device: str) -> torch.device:
             raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         dev = torch.device("cuda", index)
     return dev
+
+
+def default_device(device: torch.device):
+    """Make ``device`` the default device while the programs run, if it is not already.
+
+    Pyro creates tensors on the default device (a plate's subsample indices,
+    for one), and so do programs that write ``torch.zeros(k)``. When a user has
+    set another default (``torch.set_default_device("cuda")``, as Pyro advises
+    for GPUs) but trains or evaluates on ``device``, those tensors must follow
+    the training device. The switch costs a Python call per operation, so it is
+    made only when the two differ.
+    """
+    current = torch.get_default_device()
+    same = current.type == device.type and (current.index is None or device.index is None
+                                            or current.index == device.index)
+    return contextlib.nullcontext() if same else torch.device(device)
 
 
 class Group:

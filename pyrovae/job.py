@@ -211,6 +211,7 @@ def _run_job(job: TrainJob, run_dir: Path, resume: bool) -> dict:
         "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
         "final": result.history[-1] if result.history else None,
         "static_graph": result.static_graph, "static_graph_off": result.static_graph_off,
+        "cuda_graph": result.cuda_graph, "cuda_graph_off": result.cuda_graph_off,
         "checkpoint": folder.checkpoint_entry("latest"),
         "metrics_note": "elbo: nats per datapoint, higher is better; log_marginal: importance-sampled log p(x) "
                         "with K particles",

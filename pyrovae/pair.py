@@ -84,6 +84,18 @@ class _CalledModules:
             m.training = mode
 
 
+def _refuse_mixed_devices(error: RuntimeError, args: tuple, kwargs: dict) -> None:
+    """A network on one device met data on another: say which, and what to move."""
+    if "device" not in str(error):  # "... on the same device", "... not on the expected device"
+        return
+    devices = sorted({str(v.device) for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)})
+    raise ValueError(
+        f"the programs mix devices: the data are on {', '.join(devices) or 'no device'}, and a network or tensor "
+        f"they use is not ({error}). Create every network and pyro.param on the device the programs run on "
+        "(module.to(device); pyro.param values from the data, e.g. x.new_zeros), or move the data there"
+    ) from error
+
+
 class ModelGuidePair:
     """A model and a guide, with the facts every pyrovae function needs about them.
 
@@ -154,6 +166,9 @@ class ModelGuidePair:
             try:
                 guide_trace = poutine.trace(self.guide).get_trace(*args, **kwargs)
                 model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(*args, **kwargs)
+            except RuntimeError as e:
+                _refuse_mixed_devices(e, args, kwargs)
+                raise
             except TypeError as e:
                 if len(args) + len(kwargs) < 2:
                     raise

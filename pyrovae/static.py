@@ -242,6 +242,12 @@ class StaticStep:
             return eager
         return out
 
+    def checked_graph(self, x: torch.Tensor) -> Optional[torch.fx.GraphModule]:
+        """The graph for ``x``'s shape if it passed its check in this run, else None."""
+        if self.failure is not None:
+            return None
+        return self._ready.get((tuple(x.shape), x.dtype, str(x.device)))
+
     def __call__(self, x: torch.Tensor) -> Optional[Tuple[torch.Tensor, List[Optional[torch.Tensor]]]]:
         if self.failure is not None:
             return None

@@ -18,7 +18,10 @@ the programs, as Pyro's ``SVI`` finds them. Create every parameter in the first 
 
 import contextlib
 import csv
+import inspect
 import io
+import json
+import logging
 import math
 import signal
 import threading
@@ -32,7 +35,7 @@ import torch
 import pyro
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 
-from . import distributed, rng
+from . import cudagraph, distributed, rng
 from ._checks import check_bool, check_choice, check_float, check_int, check_seed
 from .data import DataSplits, LoaderBatches, TensorBatches
 from .handlers import ScaleLatents
@@ -57,9 +60,10 @@ OPTIMIZERS = {
     "rmsprop": torch.optim.RMSprop,
 }
 #: with ``static_graph="auto"``, record a static graph when a call has at least this
-#: many steps to run: recording and checking cost about as much as a few hundred
-#: eager steps of a small network (measured in benchmarks/README.md)
-STATIC_GRAPH_MIN_STEPS = 300
+#: many steps to run, by device type: recording and checking cost about as much as
+#: this many eager steps of a small network (measured in benchmarks/README.md)
+STATIC_GRAPH_MIN_STEPS = {"cpu": 300, "cuda": 300}
+log = logging.getLogger("pyrovae")
 #: learning-rate schedules by key, stepped once per epoch
 LR_SCHEDULES = {
     "cosine": lambda opt, epochs: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1)),
@@ -67,7 +71,7 @@ LR_SCHEDULES = {
 }
 #: options a resumed run may change; the others define the objective or the batch order
 RESUMABLE_CHANGES = frozenset({"epochs", "lr", "device", "progress", "patience", "checkpoint_every", "static_graph",
-                               "validate", "clip_norm"})
+                               "cuda_graph", "validate", "clip_norm"})
 #: folders of a run folder whose files describe one checkpoint (what later commands wrote):
 #: removed when training moves the checkpoint on
 DERIVED_FOLDERS = ("evaluate", "check", "sample", "reconstruct")
@@ -86,6 +90,7 @@ class FitConfig:
     lr: float = 1e-3
     optimizer: str = "adam"
     weight_decay: float = 0.0
+    optimizer_options: Optional[dict] = None
     elbo: str = "trace"
     num_particles: int = 1
     clip_norm: Optional[float] = None
@@ -99,6 +104,7 @@ class FitConfig:
     progress: bool = True
     validate: str = "first"
     static_graph: Union[bool, str] = "auto"
+    cuda_graph: Union[bool, str] = "auto"
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "num_particles", "checkpoint_every"):
@@ -109,13 +115,16 @@ class FitConfig:
         check_float("clip_norm", self.clip_norm, positive=True, allow_none=True)
         check_float("kl_warmup_epochs", self.kl_warmup_epochs)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        object.__setattr__(self, "optimizer_options", _optimizer_options(self.optimizer, self.optimizer_options))
         check_choice("elbo", self.elbo, [*ELBOS, "custom"])
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES, allow_none=True)
         check_choice("validate", self.validate, ("first", "always"))
         check_seed("seed", self.seed)
         distributed.check_device(self.device)
-        if not (isinstance(self.static_graph, bool) or self.static_graph == "auto"):
-            raise ValueError(f"static_graph must be True, False or 'auto', got {self.static_graph!r}")
+        for name in ("static_graph", "cuda_graph"):
+            value = getattr(self, name)
+            if not (isinstance(value, bool) or value == "auto"):
+                raise ValueError(f"{name} must be True, False or 'auto', got {value!r}")
         if self.static_graph is True and self.validate == "always":
             raise ValueError("static_graph=True replays recorded steps, which cannot run Pyro's checks every step; "
                              "use validate='first' or static_graph=False")
@@ -126,6 +135,28 @@ class FitConfig:
         """Options that differ from ``saved`` and may not change on resume."""
         return sorted(k for k, v in asdict(self).items()
                       if k not in RESUMABLE_CHANGES and k in saved and saved[k] != _jsonable(v))
+
+
+def _optimizer_options(optimizer: str, options) -> Optional[dict]:
+    """Validated optimiser keywords in their JSON form (tuples as lists), so a saved run compares equal."""
+    if options is None:
+        return None
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise TypeError(f"optimizer_options must be a dict of keyword arguments, got {options!r}")
+    own = {"params", "lr", "weight_decay"} & set(options)
+    if own:
+        raise ValueError(f"optimizer_options may not set {sorted(own)}: pass them as fit's own options")
+    accepted = set(inspect.signature(OPTIMIZERS[optimizer]).parameters) - {"params", "lr", "weight_decay"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"optimizer_options {unknown} are not options of {OPTIMIZERS[optimizer].__name__}; "
+                         f"it takes {sorted(accepted)}")
+    try:
+        canonical = json.loads(json.dumps(options, allow_nan=False))
+        OPTIMIZERS[optimizer]([torch.zeros(1, device="cpu", requires_grad=True)], **canonical)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"optimizer_options {options!r} are not valid for {optimizer!r}: {e}") from None
+    return canonical
 
 
 def _jsonable(v):
@@ -151,6 +182,8 @@ class FitResult:
     :ivar static_graph: True if the steps after the first ran from a recorded
         graph to the end (see :mod:`pyrovae.static`).
     :ivar static_graph_off: why they did not, or None.
+    :ivar cuda_graph: True if recorded steps were replayed as CUDA graphs (see
+        :mod:`pyrovae.cudagraph`). :ivar cuda_graph_off: why not, or None.
     """
 
     history: Tuple[dict, ...]
@@ -163,6 +196,8 @@ class FitResult:
     world_size: int = 1
     static_graph: bool = False
     static_graph_off: Optional[str] = None
+    cuda_graph: bool = False
+    cuda_graph_off: Optional[str] = None
 
     @property
     def train_elbo(self):
@@ -318,6 +353,8 @@ class Trainer:
         self.static: Optional[StaticStep] = None
         self.static_off: Optional[str] = None
         self.static_steps = 0
+        self.graphs: Optional[cudagraph.GraphedSteps] = None
+        self.graphs_off: Optional[str] = None
         self._validated = False  # the first step ran under the caller's validation setting
         self.last_good: Optional[Path] = None
 
@@ -342,7 +379,8 @@ class Trainer:
                 )
         plist = list(params.values())
         self.group.broadcast_(plist)
-        opt = OPTIMIZERS[config.optimizer](plist, lr=config.lr, weight_decay=config.weight_decay)
+        opt = OPTIMIZERS[config.optimizer](plist, lr=config.lr, weight_decay=config.weight_decay,
+                                           **(config.optimizer_options or {}))
         sched = LR_SCHEDULES[config.lr_schedule](opt, config.epochs) if config.lr_schedule else None
         return TrainState(params=params, buffers=buffers, optimizer=opt, scheduler=sched, generator=gen)
 
@@ -393,9 +431,9 @@ class Trainer:
                 self.static_off = f"auto: the ELBO is {type(self.elbo).__name__}, not Trace_ELBO"
             elif config.validate != "first":
                 self.static_off = "auto: validate='always'"
-            elif steps_to_run < STATIC_GRAPH_MIN_STEPS:
-                self.static_off = (f"auto: {steps_to_run} steps to run, fewer than "
-                                   f"STATIC_GRAPH_MIN_STEPS={STATIC_GRAPH_MIN_STEPS}")
+            elif steps_to_run < STATIC_GRAPH_MIN_STEPS.get(self.group.device.type, 300):
+                self.static_off = (f"auto: {steps_to_run} steps to run, fewer than STATIC_GRAPH_MIN_STEPS"
+                                   f"[{self.group.device.type!r}]={STATIC_GRAPH_MIN_STEPS.get(self.group.device.type)}")
         elif not config.static_graph:
             self.static_off = "static_graph=False"
         if self.extras and self.static_off is None:
@@ -409,6 +447,23 @@ class Trainer:
             self.static = StaticStep(self.elbo, self.model, self.guide, list(state.params.values()),
                                      pair=self.pair, variant=(self.scaler is not None,),
                                      buffers=list(state.buffers.values()))
+        self._plan_graphs()
+
+    def _plan_graphs(self) -> None:
+        """CUDA graphs replay the static graph's steps where the run allows it (see :mod:`pyrovae.cudagraph`)."""
+        config, state, dev = self.config, self.state, self.group.device
+        if dev.type != "cuda":
+            cudagraph.make_capturable(state.optimizer, False)  # e.g. a GPU run resumed on the CPU
+        reason = "cuda_graph=False" if config.cuda_graph is False else cudagraph.unsupported(
+            state.optimizer, dev, clip_norm=config.clip_norm, lr_schedule=config.lr_schedule,
+            several_sources=bool(self.extras), distributed=self.group.active)
+        if reason is None and self.static is None:
+            reason = f"no static graph ({self.static_off})"
+        if reason is not None and config.cuda_graph is True:
+            raise ValueError(f"cuda_graph=True: {reason}; use cuda_graph='auto' or False")
+        self.graphs_off = reason
+        if reason is None:
+            self.graphs = cudagraph.GraphedSteps(state.optimizer, list(state.params.values()), dev)
 
     # ------------------------------------------------------------------ phases
     def _checks(self):
@@ -422,10 +477,29 @@ class Trainer:
             return 1.0
         return min(1.0, (self.state.global_step + 1) / (self.config.kl_warmup_epochs * self.steps_per_epoch))
 
+    def _recorded(self) -> bool:
+        """Recorded steps may run: after the first (validated) step, at full KL weight."""
+        # KL warm-up changes a Python scale factor every step, so a recorded step waits for it to reach 1.
+        return self.static is not None and self._validated and (self.scaler is None or self.scaler.factor == 1.0)
+
+    def _graph_step(self, batch) -> bool:
+        """Take the step as a CUDA graph if one can; False: take it otherwise."""
+        if self.graphs is None or self.graphs.failure is not None or not self._recorded():
+            return False
+        graph = self.static.checked_graph(batch)
+        if graph is None:  # the static graph checks a new shape first
+            return False
+        taken = self.graphs(batch, graph)
+        if self.graphs.failure is not None:
+            self.graphs_off = self.graphs.failure
+            log.info("pyrovae: CUDA graphs off, %s; replaying the static graph", self.graphs_off)
+            if self.config.cuda_graph is True:
+                warnings.warn(f"cuda_graph=True: {self.graphs_off}", RuntimeWarning, stacklevel=4)
+        return taken
+
     def _loss_and_grads(self, batch):
         """The step's loss and, from a recorded graph, its gradients (None: call backward)."""
-        if self.static is not None and self._validated and (self.scaler is None or self.scaler.factor == 1.0):
-            # KL warm-up changes a Python scale factor every step, so a recorded step waits for it to reach 1.
+        if self._recorded():
             out = self.static(batch)
             self.static_steps += out is not None
             if self.static.failure is not None:
@@ -440,18 +514,26 @@ class Trainer:
         self._validated = True
         return out
 
-    def step(self, batch) -> float:
+    def step(self, batch) -> Optional[float]:
         """One optimiser step on ``batch``; returns the batch's loss (negative objective, summed).
 
         An estimator without a loss value (``TraceTailAdaptive_ELBO``) returns 0.0,
         and its gradient norm stands in for the loss in the check for divergence.
+        A step taken as a CUDA graph returns None: its loss stays on the device
+        until the end of the epoch (:meth:`_graphed_epoch_loss`).
         """
         state, plist = self.state, list(self.state.params.values())
         if self.scaler is not None:
             self.scaler.factor = self.kl_weight()
+        if self._graph_step(batch):
+            state.global_step += 1
+            return None
+        if self.graphs is not None:
+            self.graphs.skip()
         loss, grads = self._loss_and_grads(batch)
         value = loss.item() if self.objective.reports_loss else 0.0
         if not math.isfinite(value):
+            self._graphed_epoch_loss()  # an earlier CUDA-graph step may have diverged first: that one is undone
             raise NonFiniteLossError(self._diverged("loss", value))
         state.optimizer.zero_grad(set_to_none=True)
         if grads is None:
@@ -506,8 +588,9 @@ class Trainer:
             return
         if state.step == 0 or state.perm is None or self.group.active:  # shards are recomputed, not saved
             state.perm = self._epoch_order()
+        perm = state.perm.to(self.group.device)  # once: a copy from the host every step would wait for the GPU
         for step in range(state.step, self.steps_per_epoch):
-            idx = state.perm[step * config.batch_size: (step + 1) * config.batch_size].to(self.group.device)
+            idx = perm[step * config.batch_size: (step + 1) * config.batch_size]
             yield self.data.take(idx), len(idx)
 
     def run_epoch(self, interrupt: _Interrupt) -> Optional[float]:
@@ -516,10 +599,14 @@ class Trainer:
         if state.step == 0:
             state.partial = (0.0, 0)
         loss_sum, count = state.partial
+        if self.graphs is not None:
+            self.graphs.start_epoch(state.step)
         for step, (batch, size) in enumerate(self._batches(), start=state.step):
             if self.transform is not None:
                 batch = self.transform(batch)
             value = self.step(batch)
+            if value is None:  # a CUDA graph's step: its loss is summed on the device
+                value = 0.0
             if self.group.active:  # one all_reduce: the global loss and any rank's Ctrl-C
                 value, stop_requested = self.group.sum([value, float(interrupt.requested)])
                 interrupt.requested = stop_requested > 0
@@ -527,10 +614,26 @@ class Trainer:
             count += size * self.group.world_size
             state.step, state.partial = step + 1, (loss_sum, count)
             if interrupt.requested and step < self.steps_per_epoch - 1:
+                state.partial = (loss_sum + self._graphed_epoch_loss(), count)
                 path = self.save()
                 raise _Stop(f"interrupted at epoch {state.epoch + 1}, step {step + 1}" + self._resume_hint(path))
+        loss_sum += self._graphed_epoch_loss()
         state.epoch, state.step, state.partial = state.epoch + 1, 0, (0.0, 0)
         return -loss_sum / count if self.objective.reports_loss else None
+
+    def _graphed_epoch_loss(self) -> float:
+        """The loss summed on the device by this epoch's CUDA-graph steps: one read per epoch.
+        A non-finite loss among them stops the run here, before anything is saved, with the
+        parameters and optimiser put back to the epoch's start."""
+        if self.graphs is None:
+            return 0.0
+        total, bad = self.graphs.take_epoch()
+        if bad is not None:
+            raise NonFiniteLossError(self._diverged(
+                "loss", math.nan, step=bad,
+                undone=f"found at the end of the epoch (its steps ran as CUDA graphs); the parameters and optimiser "
+                       f"were put back to the start of epoch {self.state.epoch + 1}"))
+        return total
 
     @torch.no_grad()
     def validate(self) -> Optional[float]:
@@ -618,6 +721,7 @@ class Trainer:
             device=str(self.group.device), params={k: v.detach() for k, v in state.params.items()},
             rank=self.group.rank, world_size=self.group.world_size,
             static_graph=self.static is not None and self.static_steps > 0, static_graph_off=self.static_off,
+            cuda_graph=self.graphs is not None and bool(self.graphs.steps), cuda_graph_off=self.graphs_off,
         )
 
     def _resume_hint(self, path) -> str:
@@ -627,10 +731,12 @@ class Trainer:
         return (f"; checkpoint written to {path}; resume with fit(..., resume={str(run_dir)!r}) "
                 f"or `pyrovae train --resume {run_dir}`")
 
-    def _diverged(self, what: str, value: float) -> str:
+    def _diverged(self, what: str, value: float, *, step: Optional[int] = None,
+                  undone: str = "the parameters were not updated with it") -> str:
         state = self.state
-        msg = (f"{what} became {value} at epoch {state.epoch + 1}, step {state.step + 1} "
-               f"(global step {state.global_step + 1}); the parameters were not updated with it")
+        step = state.step if step is None else step  # 0-based, in the current epoch
+        msg = (f"{what} became {value} at epoch {state.epoch + 1}, step {step + 1} "
+               f"(global step {state.global_step - state.step + step + 1}); {undone}")
         if self.folder is not None:
             where = self.last_good or "the latest checkpoint in the run folder"
             msg += (f". The last good checkpoint is kept ({where}); resume with a lower learning rate: "
@@ -752,6 +858,7 @@ def fit(
     lr: float = 1e-3,
     optimizer: str = "adam",
     weight_decay: float = 0.0,
+    optimizer_options: Optional[dict] = None,
     elbo: Union[str, ELBO] = "trace",
     num_particles: int = 1,
     clip_norm: Optional[float] = None,
@@ -767,6 +874,7 @@ def fit(
     progress: bool = True,
     validate: str = "first",
     static_graph: Union[bool, str] = "auto",
+    cuda_graph: Union[bool, str] = "auto",
     metadata: Optional[dict] = None,
 ) -> FitResult:
     """Fit a model/guide pair by maximising the ELBO with a torch optimiser.
@@ -799,6 +907,9 @@ def fit(
     :param float lr: learning rate.
     :param str optimizer: key of :data:`OPTIMIZERS`.
     :param float weight_decay: optimiser weight decay.
+    :param dict optimizer_options: further keyword arguments of the optimiser, e.g.
+        ``{"eps": 1e-4}`` for Adam as in Burda et al. (2016), or ``{"betas": (0.9, 0.99)}``.
+        Validated when ``fit`` is called; a resumed run must keep them.
     :param elbo: key of :data:`ELBOS` (``"trace"``: Trace_ELBO, ``"meanfield"``:
         TraceMeanField_ELBO, analytic KL where available; ``"iwae"``: the IWAE-K
         bound per datapoint with K = ``num_particles``; ``"iwae-dreg"``: the same
@@ -840,6 +951,15 @@ def fit(
         :data:`STATIC_GRAPH_MIN_STEPS` steps, the ELBO is ``"trace"`` and
         ``validate="first"``. ``True``: on, with a ``RuntimeWarning`` if it
         falls back. ``False``: always eager.
+    :param cuda_graph: on CUDA, replay each recorded step, with the optimiser's
+        update, as one CUDA graph (:mod:`pyrovae.cudagraph`): the loss is read
+        once per epoch, and a non-finite loss is found at the end of its epoch,
+        which is then undone. Checked bitwise against the same step run eagerly
+        on the first batch of each shape, with a fall back to the static graph.
+        ``"auto"`` (default): on wherever the static graph is on and the run
+        allows it (Adam or AdamW, no ``clip_norm``, no ``lr_schedule``, one
+        process, one data source). ``True``: refuse a run that does not allow it.
+        ``False``: off.
     :param dict metadata: JSON-able extras stored in ``config.json`` (e.g. data provenance).
     :returns: :class:`FitResult`.
     :raises NonFiniteLossError: if the loss (or clipped gradient norm) is NaN or
@@ -861,11 +981,11 @@ def fit(
         data = (data, *more_data)
     elbo_key, elbo_obj = _make_elbo(elbo, num_particles)
     config = FitConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay, optimizer_options=optimizer_options,
         elbo=elbo_key, num_particles=num_particles, clip_norm=clip_norm, lr_schedule=lr_schedule,
         kl_warmup_epochs=kl_warmup_epochs, patience=patience, seed=seed, device=device,
         checkpoint_every=checkpoint_every, shuffle=shuffle, progress=progress, validate=validate,
-        static_graph=static_graph,
+        static_graph=static_graph, cuda_graph=cuda_graph,
     )
     if config.static_graph is True and type(elbo_obj) is not Trace_ELBO:
         raise ValueError(f"static_graph=True needs elbo='trace' (Trace_ELBO), got {type(elbo_obj).__name__}")
@@ -880,7 +1000,8 @@ def fit(
     folder, ckpt = _open_folder(run_dir, resume)
     group = distributed.setup(config.device)
     try:
-        return _fit(pair, elbo_obj, config, train, val, transform, metadata, group, folder, ckpt, extras)
+        with distributed.default_device(group.device):
+            return _fit(pair, elbo_obj, config, train, val, transform, metadata, group, folder, ckpt, extras)
     except _Stop as stop:
         raise KeyboardInterrupt(str(stop)) from None
     finally:

@@ -53,6 +53,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from . import _compat
+from .distributed import default_device
 from .pair import ModelGuidePair, batch_arguments
 
 __all__ = [
@@ -75,6 +76,13 @@ __all__ = [
 ]
 
 PARTICLE_PLATE = "_pyrovae_particles"
+#: Memory a chunk of particles may take, by device type: the chunk size follows from the
+#: footprint of the first chunk. On the CPU a chunk that stays in the caches is fastest
+#: (8 MiB: the best of 4 to 256 MiB on 300 MNIST images, benchmarks/README.md); on CUDA,
+#: the chunks are large, at most 4 GiB and at most half of the free device memory.
+CHUNK_MEMORY = {"cpu": 8 * 2**20, "cuda": 4 * 2**30}
+#: Particle-datapoint pairs in the first chunk, which measures the footprint.
+PROBE_PAIRS = 2**12
 # Weights spanning less than this many units of round-off (machine epsilon times the summed
 # magnitude of the log-densities) are equal up to round-off: constant, as under an exact guide.
 ROUNDOFF_ULPS = 64
@@ -191,11 +199,21 @@ def declared_parameters(fn) -> set:
 def evaluating(pair: ModelGuidePair, args: tuple, kwargs: dict) -> Iterator[ModelGuidePair]:
     """Every network the pair owns or calls in ``eval()`` mode inside the block, each one's
     mode restored after: an estimate for one datapoint must not depend on the rest of its
-    batch (BatchNorm in training mode), nor move running statistics."""
-    with torch.random.fork_rng(devices=[]):  # finding the modules must not shift the caller's draws
-        pair.find_modules(*args, **kwargs)
-    with pair.evaluating():
-        yield pair
+    batch (BatchNorm in training mode), nor move running statistics. The programs run with
+    the data's device as the default device (:func:`pyrovae.distributed.default_device`)."""
+    with default_device(_data_device(args, kwargs)):
+        with torch.random.fork_rng(devices=[]):  # finding the modules must not shift the caller's draws
+            pair.find_modules(*args, **kwargs)
+        with pair.evaluating():
+            yield pair
+
+
+def _data_device(args: tuple, kwargs: dict) -> torch.device:
+    """Where the programs run: the device of the first tensor among the data (else the CPU)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return torch.device("cpu")
 
 
 # --------------------------------------------------------------------------- structure
@@ -486,21 +504,28 @@ def _first_chunk(model, guide, args, kwargs, structure, num) -> Tuple[Optional[P
 
 
 def log_weights(model, guide, args: tuple, kwargs: dict, structure: PairStructure, *, num_particles: int,
-                chunk_size: int, keep_traces: bool = False) -> LogWeights:
+                chunk_size: Optional[int] = None, keep_traces: bool = False) -> LogWeights:
     """Log weights of ``num_particles`` particles for every datapoint, ``chunk_size`` at a time.
 
     The first chunk is checked against an unvectorised replay; if the program cannot be
     vectorised, all particles run sequentially (K stays exact) and the result says why.
     Runs with Pyro validation off: :func:`inspect_pair` validated the same programs, and
-    validation never changes a value.
+    validation never changes a value. With ``chunk_size=None`` the first chunk holds about
+    :data:`PROBE_PAIRS` particle-datapoint pairs and measures the memory a particle takes;
+    the next chunks are as large as :data:`CHUNK_MEMORY` allows (:func:`auto_chunk_size`).
+    No chunk after the first reads a value back to the host.
 
     :returns: :class:`LogWeights`, ``log_weights`` of shape ``(num_particles, N)``.
     """
-    chunk = min(chunk_size, num_particles)
+    chunk = min(chunk_size or max(1, PROBE_PAIRS // structure.size), num_particles)
+    device = _data_device(args, kwargs)
     with pyro.validation_enabled(False):
-        first, reason = _first_chunk(model, guide, args, kwargs, structure, chunk)
+        with _PeakMemory(device) as peak:
+            first, reason = _first_chunk(model, guide, args, kwargs, structure, chunk)
         if reason is None:
             passes, done = [first], chunk
+            if chunk_size is None:
+                chunk = auto_chunk_size(peak.bytes or _trace_bytes(first), chunk, device, num_particles - done)
             while done < num_particles:
                 step = min(chunk, num_particles - done)
                 passes.append(particle_pass(model, guide, args, kwargs, structure, step))
@@ -516,6 +541,51 @@ def log_weights(model, guide, args: tuple, kwargs: dict, structure: PairStructur
         fallback_reason=reason,
         passes=tuple(passes) if keep_traces else (),
     )
+
+
+class _PeakMemory:
+    """Bytes the block allocated at its peak, on CUDA (None elsewhere: see :func:`_trace_bytes`)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.bytes = device, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            self._base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.bytes = max(1, torch.cuda.max_memory_allocated(self.device) - self._base)
+
+
+def _trace_bytes(first: ParticlePass) -> int:
+    """An estimate of what a chunk takes on the CPU: twice the bytes of every tensor its traces
+    hold (values, distribution parameters, log-densities), each storage counted once; the
+    factor covers the temporaries of the densities, freed as they go."""
+    seen, total = set(), 0
+    for trace in (*first.guide_traces, *first.model_traces):
+        for site in trace.nodes.values():
+            fn = site.get("fn")
+            tensors = [site.get("value")] + [getattr(fn, k, None) for k in ("loc", "scale", "logits", "probs")]
+            for t in tensors:
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                    seen.add(t.untyped_storage().data_ptr())
+                    total += t.untyped_storage().nbytes()
+    return 2 * max(total, 1)
+
+
+def auto_chunk_size(chunk_bytes: int, chunk: int, device: torch.device, remaining: int) -> int:
+    """Particles per chunk such that a chunk takes at most :data:`CHUNK_MEMORY` of ``device``
+    (on CUDA also at most half its free memory), given that ``chunk`` particles took
+    ``chunk_bytes``; between 1 and ``remaining``."""
+    budget = CHUNK_MEMORY.get(device.type, CHUNK_MEMORY["cpu"])
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(budget, (free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)) // 2)
+    per_particle = max(1, chunk_bytes // chunk)
+    return int(max(1, min(remaining, budget // per_particle)))
 
 
 # --------------------------------------------------------------------------- draws for export

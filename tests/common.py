@@ -1,5 +1,6 @@
 """Helpers shared by the tests: data location, small models with known answers."""
 
+import functools
 import os
 from pathlib import Path
 
@@ -10,6 +11,33 @@ import pyro.distributions as dist
 
 DEVICE = os.environ.get("PYROVAE_DEVICE", "cpu")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _to_default_device(value):
+    if isinstance(value, torch.Tensor):
+        return value.to(torch.get_default_device())
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_default_device(v) for v in value)
+    if isinstance(value, torch.utils.data.TensorDataset):
+        return torch.utils.data.TensorDataset(*_to_default_device(value.tensors))
+    return value
+
+
+def seeded_data(fn):
+    """Run a data helper on the CPU, then move what it returns to the suite's default device.
+
+    Seeded CPU generators give the same numbers on every machine, and a CPU
+    generator cannot drive an op on a CUDA tensor: with PYROVAE_DEVICE=cuda the
+    default device is CUDA, so helpers that seed a generator make their data here.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.device("cpu"):
+            out = fn(*args, **kwargs)
+        return _to_default_device(out)
+
+    return wrapper
 
 
 def load_example(name):
@@ -43,17 +71,26 @@ class PPCA:
     """Linear-Gaussian model p(z)=N(0,I), p(x|z)=N(Wz+b, s^2 I), with its exact answers."""
 
     def __init__(self, d=5, k=2, sigma=0.5, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.W = torch.randn(d, k, generator=g, dtype=torch.float64)
-        self.b = torch.randn(d, generator=g, dtype=torch.float64)
+        self.W, self.b = self._weights(d, k, seed)
         self.sigma, self.d, self.k = sigma, d, k
         prec = torch.eye(k, dtype=torch.float64) + self.W.T @ self.W / sigma**2
         self.post_cov = torch.linalg.inv(prec)
 
+    @staticmethod
+    @seeded_data
+    def _weights(d, k, seed):
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(d, k, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+
     def sample(self, n, seed=1):
+        z, noise = self._draws(n, seed)
+        return z @ self.W.T + self.b + self.sigma * noise
+
+    @seeded_data
+    def _draws(self, n, seed):
         g = torch.Generator().manual_seed(seed)
         z = torch.randn(n, self.k, generator=g, dtype=torch.float64)
-        return z @ self.W.T + self.b + self.sigma * torch.randn(n, self.d, generator=g, dtype=torch.float64)
+        return z, torch.randn(n, self.d, generator=g, dtype=torch.float64)
 
     def exact_log_marginal(self, x):
         cov = self.W @ self.W.T + self.sigma**2 * torch.eye(self.d, dtype=torch.float64)

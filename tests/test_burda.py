@@ -73,7 +73,9 @@ def test_tiny_budget_writes_every_configuration_and_resumes_without_training(tmp
         assert run["name"] in table
     for paper in ("86.76", "85.33"):  # the paper's values beside ours
         assert paper in table
-    assert "Adam epsilon" in table and "--budget 8" in saved["command"]
+    assert "epsilon 1e-4" in table and "--budget 8" in saved["command"]
+    config = json.loads(next((tmp_path / "runs").glob("*/run/config.json")).read_text())
+    assert config["fit"]["optimizer_options"] == {"betas": [0.9, 0.999], "eps": 1e-4}
 
     for before, after in zip(report["runs"], again["runs"]):
         assert after["passes_this_call"] == 0 and not after["evaluated_this_call"], after

@@ -64,3 +64,36 @@ def test_datasets_load_on_the_cpu_under_any_default_device(foreign_default_devic
 
 def test_the_process_group_device_is_the_resolved_one():
     assert distributed.setup("cpu").device == torch.device("cpu")
+
+
+def test_log_marginal_and_export_follow_the_data_not_the_default_device(foreign_default_device):
+    """Pyro's plates and the particle plate create tensors on the default device: they must follow the data."""
+    with torch.device("cpu"):
+        vae = pyrovae.VAE((6,), latent_dim=2, hidden=(8,))
+        x = torch.bernoulli(torch.full((5, 6), 0.3))
+    est = pyrovae.log_marginal(vae.model, vae.guide, x, num_particles=40, chunk_size=16)
+    assert est.log_marginal.device.type == "cpu" and torch.isfinite(est.log_marginal).all()
+    assert est.khat.device.type == "cpu" and est.khat.numpy().shape == (5,)
+    idata = pyrovae.diagnostics.to_inference_data(vae.model, vae.guide, x, num_samples=8, num_chains=2)
+    assert idata.sample_stats["khat"].shape == (5,)
+
+
+def test_a_network_on_another_device_than_the_data_is_refused_with_advice(tmp_path):
+    """A closure network fit cannot move, on another device than the data: say what to move."""
+    with torch.device("meta"):
+        encoder = torch.nn.Linear(6, 4)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", pyro.distributions.Normal(x.new_zeros(2), 1.0).to_event(1))
+            pyro.sample("x", pyro.distributions.Normal(z.sum(-1, keepdim=True).expand(-1, 6), 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.module("encoder", encoder)
+        loc, raw = encoder(x).chunk(2, -1)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", pyro.distributions.Normal(loc, raw.exp()).to_event(1))
+
+    x = torch.randn(8, 6, device="cpu")
+    with pytest.raises(ValueError, match=r"(?s)mix devices: the data are on cpu.*module.to\(device\)"):
+        pyrovae.fit(model, guide, x, epochs=1, progress=False, device="cpu")

@@ -18,9 +18,9 @@ def test_khat_threshold_follows_vehtari_2024():
 
 def test_khat_separates_light_and_heavy_tails():
     g = torch.Generator().manual_seed(0)
-    light = torch.randn(2000, 20, generator=g, dtype=torch.float64) * 0.1  # lognormal, small variance
+    light = torch.randn(2000, 20, generator=g, dtype=torch.float64, device="cpu") * 0.1  # lognormal, small variance
     # log of Pareto(alpha=1/k) draws with k = 0.9 has a tail shape of 0.9
-    u = torch.rand(2000, 20, generator=g, dtype=torch.float64)
+    u = torch.rand(2000, 20, generator=g, dtype=torch.float64, device="cpu")
     heavy = -0.9 * torch.log(u)
     kl, kh = psis_khat(light), psis_khat(heavy)
     # range checks: each datapoint's estimate has sd ~0.05 at S=2000; bounds are > 5 sd away

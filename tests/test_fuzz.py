@@ -15,6 +15,8 @@ from pyrovae import VAE, fit, from_arrays, log_marginal
 from pyrovae.cli import main
 from pyrovae.data import read_amat, read_idx
 
+from .common import DEVICE
+
 # derandomize: the same examples on every run, so the suite is deterministic (new examples: run
 # with --hypothesis-seed=random locally).
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
@@ -102,7 +104,7 @@ def test_fit_accepts_or_names_the_problem(tmp_path_factory, n, value, shape):
     x = torch.full((n, *shape), value)
     vae = _vae()
     try:
-        fit(vae.model, vae.guide, x, epochs=1, batch_size=2, progress=False, device="cpu", run_dir=run_dir)
+        fit(vae.model, vae.guide, x, epochs=1, batch_size=2, progress=False, device=DEVICE, run_dir=run_dir)
     except (ValueError, TypeError) as e:
         assert "data" in str(e), str(e)
         assert not run_dir.exists(), "a run folder was left behind by bad input"
@@ -121,7 +123,7 @@ def test_fit_options_are_validated_eagerly(epochs, batch_size):
     valid = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1
     if not (valid(epochs) and valid(batch_size)):  # valid values would train, possibly for ever
         with pytest.raises((ValueError, TypeError), match="epochs|batch_size"):
-            fit(vae.model, vae.guide, x, epochs=epochs, batch_size=batch_size, progress=False, device="cpu")
+            fit(vae.model, vae.guide, x, epochs=epochs, batch_size=batch_size, progress=False, device=DEVICE)
 
 
 @FUZZ

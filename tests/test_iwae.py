@@ -11,6 +11,8 @@ from torch import nn
 from pyrovae import fit, log_marginal
 from pyrovae.iwae import IWAE, IWAEDReG
 
+from .common import DEVICE, seeded_data
+
 K, N, D, L = 7, 5, 4, 3  # particles, datapoints, data dim, latent dim
 
 
@@ -42,6 +44,7 @@ class GaussianVAE(nn.Module):
         return log_px + log_pz - log_q
 
 
+@seeded_data
 def _x():
     return torch.randn(N, D, generator=torch.Generator().manual_seed(1))
 
@@ -95,7 +98,7 @@ def test_fit_trains_with_the_iwae_objectives(elbo):
     vae = GaussianVAE()
     x = torch.randn(64, L) @ torch.randn(L, D) + 0.1 * torch.randn(64, D)
     r = fit(vae.model, vae.guide, x, val_data=x[:16], elbo=elbo, num_particles=5, epochs=15, batch_size=16,
-            lr=0.02, progress=False, device="cpu")
+            lr=0.02, progress=False, device=DEVICE)
     assert r.val_elbo[-1] > r.val_elbo[0] + 1.0, r.val_elbo
     # the reported training objective is the IWAE-5 bound: at least the K = 1 ELBO on average
     est = log_marginal(vae.model, vae.guide, x, num_particles=500, bounds=[1, 5])

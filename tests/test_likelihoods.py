@@ -6,7 +6,10 @@ import torch.distributions as td
 
 from pyrovae.likelihoods import LIKELIHOODS, Bernoulli, ContinuousBernoulli, Gaussian, Laplace, get_likelihood
 
+from .common import seeded_data
 
+
+@seeded_data
 def _params(n, shape=(1, 3, 3), seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(n, *shape, generator=g) for _ in range(2)]

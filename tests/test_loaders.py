@@ -13,7 +13,7 @@ from pyrovae import distributed, fit
 from pyrovae.data import LoaderBatches
 from pyrovae.train import _check_loader_sampler
 
-from .common import load_example
+from .common import DEVICE, load_example, seeded_data
 
 
 def _conditional_pair():
@@ -36,6 +36,7 @@ def _conditional_pair():
     return model, guide
 
 
+@seeded_data
 def _dataset(n=60):
     g = torch.Generator().manual_seed(0)
     xs = torch.randn(n, 3, generator=g)
@@ -56,7 +57,7 @@ def _run(run_dir, *, stop_at_call=None, resume=False, workers=0):
 
     loader = DataLoader(_dataset(), batch_size=16, shuffle=True, num_workers=workers)
     return fit(interrupted, guide, loader, val_data=DataLoader(_dataset(20), batch_size=8), epochs=4, lr=0.02,
-               progress=False, device="cpu", seed=2, run_dir=None if resume else run_dir,
+               progress=False, device=DEVICE, seed=2, run_dir=None if resume else run_dir,
                resume=run_dir if resume else None)
 
 
@@ -100,4 +101,4 @@ def test_an_iterable_loader_without_length_is_refused():
 
     with pytest.raises(TypeError, match="no length"):
         model, guide = load_example("custom_model_guide").make_pair(3, 2)
-        fit(model, guide, DataLoader(Stream(), batch_size=2), epochs=1, progress=False, device="cpu")
+        fit(model, guide, DataLoader(Stream(), batch_size=2), epochs=1, progress=False, device=DEVICE)

@@ -12,6 +12,8 @@ from torch import nn
 from pyrovae import Source, fit
 from pyrovae.runs import RunFolder
 
+from .common import DEVICE, seeded_data
+
 
 class ModulePair(nn.Module):
     """A pair whose networks live only in the module: no pyro.module, so no Pyro param sites."""
@@ -31,6 +33,7 @@ class ModulePair(nn.Module):
             pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 1e-3).to_event(1))
 
 
+@seeded_data
 def _data(n=64):
     g = torch.Generator().manual_seed(0)
     return torch.randn(n, 2, generator=g) @ torch.randn(2, 6, generator=g)
@@ -55,7 +58,7 @@ def test_every_elbo_trains_a_module_pair_with_validation(name):
     before = {k: v.clone() for k, v in pair.state_dict().items()}
     x = _data()
     r = fit(pair.model, pair.guide, x, val_data=x[:16], elbo=ELBOS[name](), epochs=3, batch_size=16, lr=0.05,
-            progress=False, device="cpu")
+            progress=False, device=DEVICE)
     for key, value in pair.state_dict().items():
         assert not torch.equal(value, before[key]), f"{name}: {key} did not train"
     assert all(v is not None for v in r.val_elbo) and r.val_elbo[-1] > r.val_elbo[0] - 5.0, r.val_elbo
@@ -69,12 +72,12 @@ def test_every_elbo_trains_a_module_pair_with_validation(name):
 def test_the_objective_is_recorded_and_a_resume_must_use_it(tmp_path):
     pair = ModulePair()
     fit(pair.model, pair.guide, _data(), elbo=RenyiELBO(alpha=0.3, num_particles=2), epochs=1, batch_size=32,
-        progress=False, device="cpu", run_dir=tmp_path)
+        progress=False, device=DEVICE, run_dir=tmp_path)
     spec = RunFolder(tmp_path).config()["elbo"]
     assert spec["class"] == "RenyiELBO" and spec["alpha"] == 0.3 and spec["num_particles"] == 2
     with pytest.raises(ValueError, match="keeps its objective"):
         fit(pair.model, pair.guide, _data(), elbo=RenyiELBO(alpha=0.7, num_particles=2), epochs=2, batch_size=32,
-            progress=False, device="cpu", resume=tmp_path)
+            progress=False, device=DEVICE, resume=tmp_path)
 
 
 # ---------------------------------------------------------------------------- M2 with enumeration
@@ -115,7 +118,7 @@ def test_m2_with_enumeration_validates_after_every_epoch():
     model, guide = _ss_model(dec, k), _ss_guide(enc_y, enc_z, k)
     x = _data()
     r = fit(model, guide, (x,), val_data=(x[:16],), elbo=TraceEnum_ELBO(max_plate_nesting=1), epochs=2,
-            batch_size=16, progress=False, device="cpu")
+            batch_size=16, progress=False, device=DEVICE)
     assert all(v is not None for v in r.val_elbo), r.val_elbo
 
 
@@ -137,8 +140,8 @@ def test_observations_outside_every_plate_with_minibatches_are_refused():
     """Trained with batch_size < data, the coin model silently optimised a biased objective."""
     data = torch.cat([torch.ones(6), torch.zeros(4)])
     with pytest.raises(ValueError, match=r"outside every plate.*subsample"):
-        fit(coin_model, coin_guide, data, epochs=1, batch_size=5, progress=False, device="cpu")
-    fit(coin_model, coin_guide, data, epochs=1, batch_size=10, progress=False, device="cpu")  # whole data: fine
+        fit(coin_model, coin_guide, data, epochs=1, batch_size=5, progress=False, device=DEVICE)
+    fit(coin_model, coin_guide, data, epochs=1, batch_size=10, progress=False, device=DEVICE)  # whole data: fine
 
 
 def test_a_global_latent_with_an_unscaled_data_plate_is_refused_and_subsample_is_accepted():
@@ -153,13 +156,13 @@ def test_a_global_latent_with_an_unscaled_data_plate_is_refused_and_subsample_is
 
     x = torch.randn(40)
     with pytest.raises(ValueError, match=r"latent sites \['mu'\] lie outside every plate"):
-        fit(model, guide, x, epochs=1, batch_size=10, progress=False, device="cpu")
+        fit(model, guide, x, epochs=1, batch_size=10, progress=False, device=DEVICE)
 
     def scaled(x):
         with poutine.scale(scale=40 / x.shape[0]):
             model(x)
 
-    fit(scaled, guide, x, epochs=1, batch_size=10, progress=False, device="cpu")
+    fit(scaled, guide, x, epochs=1, batch_size=10, progress=False, device=DEVICE)
 
 
 def test_a_model_with_no_observed_site_is_refused():
@@ -172,7 +175,7 @@ def test_a_model_with_no_observed_site_is_refused():
         pyro.param("w", torch.tensor(0.0))
 
     with pytest.raises(ValueError, match="no observed sample site"):
-        fit(model, guide, torch.randn(20, 3), epochs=1, progress=False, device="cpu")
+        fit(model, guide, torch.randn(20, 3), epochs=1, progress=False, device=DEVICE)
 
 
 def test_a_conditional_pair_trains_from_separate_tensors_a_tuple_a_dict_and_a_dataset():
@@ -193,7 +196,7 @@ def test_a_conditional_pair_trains_from_separate_tensors_a_tuple_a_dict_and_a_da
     for form, data in {"args": (xs, ys), "tuple": ((xs, ys),), "dict": ({"xs": xs, "ys": ys},),
                        "dataset": (torch.utils.data.TensorDataset(xs, ys),)}.items():
         pyro.clear_param_store()
-        fit(model, guide, *data, epochs=30, batch_size=20, lr=0.05, progress=False, device="cpu")
+        fit(model, guide, *data, epochs=30, batch_size=20, lr=0.05, progress=False, device=DEVICE)
         results[form] = pyro.param("w").detach().clone()
     for form, w in results.items():
         assert torch.equal(w, results["args"]), form  # the same batches, the same answer
@@ -203,6 +206,7 @@ def test_a_conditional_pair_trains_from_separate_tensors_a_tuple_a_dict_and_a_da
 
 
 # ---------------------------------------------------------------------------- several sources (M2)
+@seeded_data
 def _clusters(n, seed):
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, 3, (n,), generator=g)
@@ -238,7 +242,7 @@ def _m2(run_dir=None, *, resume=False, stop_at_call=None, epochs=6):
                            elbo=Trace_ELBO()),
     }
     r = fit(model, guide, sources, elbo=TraceEnum_ELBO(max_plate_nesting=1), epochs=epochs, batch_size=20,
-            lr=0.03, progress=False, device="cpu", run_dir=None if resume else run_dir,
+            lr=0.03, progress=False, device=DEVICE, run_dir=None if resume else run_dir,
             resume=run_dir if resume else None)
     return r, enc_y
 

@@ -19,7 +19,7 @@ from pyrovae.job import DataConfig
 from pyrovae.runs import MANIFEST, RunFolder, load_checkpoint
 from pyrovae.train import Trainer
 
-from .common import load_example
+from .common import DEVICE, load_example, seeded_data
 
 TINY = ["--epochs", "3", "--eval-particles", "0", "--subset", "64", "--hidden", "16", "--latent-dim", "2",
         "--no-progress", "--device", "cpu"]
@@ -59,6 +59,7 @@ def _ppca_pair():
     return load_example("custom_model_guide").make_pair(6, 2)
 
 
+@seeded_data
 def _toy(n=64):
     g = torch.Generator().manual_seed(0)
     return torch.randn(n, 2, generator=g) @ torch.randn(2, 6, generator=g)
@@ -67,7 +68,7 @@ def _toy(n=64):
 @pytest.mark.filterwarnings("ignore:Encountered NaN:UserWarning")
 def test_a_diverged_resume_leaves_a_readable_folder_and_its_advice_works(tmp_path):
     model, guide = _ppca_pair()
-    fit(model, guide, _toy(), epochs=2, batch_size=32, progress=False, device="cpu", run_dir=tmp_path)
+    fit(model, guide, _toy(), epochs=2, batch_size=32, progress=False, device=DEVICE, run_dir=tmp_path)
     pyro.clear_param_store()
     model, guide = _ppca_pair()
     calls = {"n": 0}
@@ -78,12 +79,12 @@ def test_a_diverged_resume_leaves_a_readable_folder_and_its_advice_works(tmp_pat
 
     with pytest.raises(NonFiniteLossError, match="resume with a lower learning rate"):
         with pyro.validation_enabled(False):
-            fit(poisoned, guide, _toy(), epochs=4, batch_size=32, lr=0.01, progress=False, device="cpu",
+            fit(poisoned, guide, _toy(), epochs=4, batch_size=32, lr=0.01, progress=False, device=DEVICE,
                 resume=tmp_path)
     RunFolder(tmp_path).config()  # still matches its checksum
     pyro.clear_param_store()
     model, guide = _ppca_pair()
-    r = fit(model, guide, _toy(), epochs=4, batch_size=32, lr=1e-4, progress=False, device="cpu", resume=tmp_path)
+    r = fit(model, guide, _toy(), epochs=4, batch_size=32, lr=1e-4, progress=False, device=DEVICE, resume=tmp_path)
     assert [h["epoch"] for h in r.history] == [1, 2, 3, 4]
 
 
@@ -130,7 +131,7 @@ def test_commands_never_overwrite_training_outputs(tmp_path):
 def test_fit_refuses_a_folder_that_holds_a_run(run):
     model, guide = _ppca_pair()
     with pytest.raises(ValueError, match="already holds files; pass resume="):
-        fit(model, guide, _toy(), epochs=1, progress=False, device="cpu", run_dir=run)
+        fit(model, guide, _toy(), epochs=1, progress=False, device=DEVICE, run_dir=run)
 
 
 # 6 ---------------------------------------------------------------------------------------------
@@ -158,7 +159,7 @@ def _bn_pair():
 def _fit_bn(run_dir, epochs, resume=False):
     pyro.clear_param_store()
     model, guide, encoder = _bn_pair()
-    fit(model, guide, _toy(), val_data=_toy(16), epochs=epochs, batch_size=16, progress=False, device="cpu",
+    fit(model, guide, _toy(), val_data=_toy(16), epochs=epochs, batch_size=16, progress=False, device=DEVICE,
         **({"resume": run_dir} if resume else {"run_dir": run_dir}))
     return encoder
 
@@ -209,7 +210,7 @@ def test_validation_runs_in_eval_mode_and_restores_the_mode():
 
     group = distributed.setup("cpu")
     trainer = Trainer(ModelGuidePair(model, guide), Trace_ELBO(), FitConfig(batch_size=8, progress=False,
-                      device="cpu"), TensorBatches(_toy(), "data"), TensorBatches(_toy(16), "val_data"),
+                      device=DEVICE), TensorBatches(_toy(), "data"), TensorBatches(_toy(16), "val_data"),
                       group=group, folder=None)
     stats = {k: v.clone() for k, v in encoder.state_dict().items()}
     assert trainer.validate() is not None
@@ -225,10 +226,10 @@ def test_a_changed_batch_size_on_resume_is_refused(run, capsys):
     model, guide = _ppca_pair()
     with pytest.raises(ValueError, match=r"cannot change: batch_size \(32 -> 16\)"):
         folder = Path(run).parent / "api"
-        fit(model, guide, _toy(), epochs=1, batch_size=32, progress=False, device="cpu", run_dir=folder)
+        fit(model, guide, _toy(), epochs=1, batch_size=32, progress=False, device=DEVICE, run_dir=folder)
         pyro.clear_param_store()
         model, guide = _ppca_pair()
-        fit(model, guide, _toy(), epochs=2, batch_size=16, progress=False, device="cpu", resume=folder)
+        fit(model, guide, _toy(), epochs=2, batch_size=16, progress=False, device=DEVICE, resume=folder)
 
 
 # 8 ---------------------------------------------------------------------------------------------
@@ -244,17 +245,17 @@ def test_the_process_group_is_closed_on_error_paths(monkeypatch):
     monkeypatch.setattr(distributed, "setup", lambda device: _RecordingGroup(device=torch.device("cpu")))
     model, guide = _ppca_pair()
     with pytest.raises(NonFiniteLossError), pyro.validation_enabled(False):
-        fit(lambda x: model(x * float("nan")), guide, _toy(), epochs=1, progress=False, device="cpu")
+        fit(lambda x: model(x * float("nan")), guide, _toy(), epochs=1, progress=False, device=DEVICE)
     assert _RecordingGroup.closed == 1
     with pytest.raises(ValueError, match="patience"):
-        fit(model, guide, _toy(), epochs=1, progress=False, device="cpu", patience=2)  # refused before setup
+        fit(model, guide, _toy(), epochs=1, progress=False, device=DEVICE, patience=2)  # refused before setup
     assert _RecordingGroup.closed == 1
 
     def broken(x):  # fails inside the trainer's set-up, after the group exists
         raise ValueError("the model is broken")
 
     with pytest.raises(ValueError, match="the model is broken"):
-        fit(broken, guide, _toy(), epochs=1, progress=False, device="cpu")
+        fit(broken, guide, _toy(), epochs=1, progress=False, device=DEVICE)
     assert _RecordingGroup.closed == 2
 
 
@@ -289,7 +290,7 @@ def test_a_checkpoint_keeps_its_example_rows_not_the_training_set(tmp_path):
     every checkpoint (190 MB for MNIST)."""
     model, guide = _ppca_pair()
     x = torch.randn(5000, 6)
-    fit(model, guide, x, epochs=1, batch_size=1000, progress=False, device="cpu", run_dir=tmp_path)
+    fit(model, guide, x, epochs=1, batch_size=1000, progress=False, device=DEVICE, run_dir=tmp_path)
     ckpt = load_checkpoint(tmp_path)
     assert ckpt.example.shape == (2, 6)
     assert ckpt.example.untyped_storage().nbytes() == 2 * 6 * 4

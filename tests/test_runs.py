@@ -8,12 +8,14 @@ import torch
 from pyrovae import VAE, CheckpointError, fit, load_run
 from pyrovae.runs import MANIFEST
 
+from .common import DEVICE
+
 
 @pytest.fixture
 def run_dir(tmp_path):
     vae = VAE((4,), latent_dim=2, hidden=(8,))
     fit(vae.model, vae.guide, torch.bernoulli(torch.full((16, 4), 0.5)), epochs=2, batch_size=8,
-        progress=False, device="cpu", run_dir=tmp_path)
+        progress=False, device=DEVICE, run_dir=tmp_path)
     return tmp_path
 
 
@@ -83,7 +85,7 @@ def test_wrong_version_and_missing(run_dir, tmp_path):
 def test_rotation_keeps_latest_and_best(tmp_path):
     vae = VAE((4,), latent_dim=2, hidden=(8,))
     x = torch.bernoulli(torch.full((16, 4), 0.5))
-    fit(vae.model, vae.guide, x, val_data=x, epochs=6, batch_size=8, progress=False, device="cpu", run_dir=tmp_path)
+    fit(vae.model, vae.guide, x, val_data=x, epochs=6, batch_size=8, progress=False, device=DEVICE, run_dir=tmp_path)
     ckpts = sorted(p.name for p in tmp_path.glob("checkpoint-*.pt"))
     manifest = json.loads((tmp_path / MANIFEST).read_text())
     assert set(ckpts) == {manifest["latest"]["file"], manifest["best"]["file"]} and len(ckpts) <= 2

@@ -5,6 +5,8 @@ import torch
 
 from pyrovae import VAE, fit, load_dataset
 
+from .common import DEVICE
+
 
 def _rss_mib():
     with open("/proc/self/status") as f:
@@ -21,7 +23,7 @@ def test_memory_flat_and_files_bounded_over_many_epochs(tmp_path):
     vae = VAE(s.event_shape, latent_dim=8, hidden=(256,))
     rss = []
     for leg, epochs in enumerate(range(50, 301, 50)):
-        fit(vae.model, vae.guide, s, epochs=epochs, batch_size=64, progress=False, device="cpu",
+        fit(vae.model, vae.guide, s, epochs=epochs, batch_size=64, progress=False, device=DEVICE,
             run_dir=tmp_path if leg == 0 else None, resume=tmp_path if leg else None)
         rss.append(_rss_mib())
         files = sorted(p.name for p in tmp_path.iterdir())

@@ -16,9 +16,9 @@ from pyrovae import train as train_module
 from pyrovae.pair import ModelGuidePair
 from pyrovae.static import StaticStep, loss_and_surrogate
 
-from .common import load_example
+from .common import DEVICE, load_example, seeded_data
 
-FAST = dict(progress=False, device="cpu", seed=0)
+FAST = dict(progress=False, device=DEVICE, seed=0)
 _names = itertools.count()  # distinct pyro.module names within one param store
 
 
@@ -57,6 +57,7 @@ def _vae_maker(**config):
     return make
 
 
+@seeded_data
 def _binary(n=80, d=12, seed=0):
     return torch.bernoulli(torch.full((n, d), 0.3), generator=torch.Generator().manual_seed(seed))
 
@@ -237,7 +238,7 @@ def test_auto_uses_the_graph_for_long_runs_only(monkeypatch):
     x = _binary(64)
     short = fit(*_vae_maker()(), x, epochs=2, batch_size=32, **FAST)
     assert not short.static_graph and "STATIC_GRAPH_MIN_STEPS" in short.static_graph_off
-    monkeypatch.setattr(train_module, "STATIC_GRAPH_MIN_STEPS", 4)
+    monkeypatch.setattr(train_module, "STATIC_GRAPH_MIN_STEPS", {"cpu": 4, "cuda": 4})
     long = fit(*_vae_maker()(), x, epochs=2, batch_size=32, **FAST)
     assert long.static_graph, long.static_graph_off
     meanfield = fit(*_vae_maker()(), x, epochs=2, batch_size=32, elbo="meanfield", **FAST)

@@ -9,7 +9,7 @@ import pyro
 from pyrovae import VAE, NonFiniteLossError, fit, load_dataset, load_run
 from pyrovae.runs import load_checkpoint
 
-from .common import load_example
+from .common import DEVICE, load_example, seeded_data
 
 
 def ppca_pair(d=6, k=2):
@@ -18,6 +18,7 @@ def ppca_pair(d=6, k=2):
     return load_example("custom_model_guide").make_pair(d, k)
 
 
+@seeded_data
 def toy_data(n=96, d=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, 2, generator=g)
@@ -27,7 +28,7 @@ def toy_data(n=96, d=6, seed=0):
 def test_user_pair_trains_and_improves():
     model, guide = ppca_pair()
     x = toy_data()
-    result = fit(model, guide, x, epochs=30, batch_size=32, lr=0.03, progress=False, device="cpu")
+    result = fit(model, guide, x, epochs=30, batch_size=32, lr=0.03, progress=False, device=DEVICE)
     first, last = result.train_elbo[0], result.train_elbo[-1]
     assert last > first + 1.0, (first, last)
     assert {"param.W", "param.b", "param.sigma"} <= set(result.params)
@@ -50,7 +51,7 @@ def _run(run_dir, *, resume=False, stop_at_call=None, how="exception"):
         return model(x)
 
     return fit(interrupted_model, guide, toy_data(), val_data=toy_data(32, seed=5), epochs=6, batch_size=32,
-               lr=0.02, seed=3, progress=False, device="cpu", run_dir=None if resume else run_dir,
+               lr=0.02, seed=3, progress=False, device=DEVICE, run_dir=None if resume else run_dir,
                resume=run_dir if resume else None, lr_schedule="cosine")
 
 
@@ -78,7 +79,7 @@ def test_resume_equals_uninterrupted_run_bitwise(tmp_path, how, call):
 def test_vae_checkpoint_round_trip(tmp_path):
     s = load_dataset("digits", binarize="static", subset=64)
     vae = VAE(s.event_shape, latent_dim=2, hidden=(16,))
-    fit(vae.model, vae.guide, s, epochs=2, batch_size=32, progress=False, device="cpu", run_dir=tmp_path)
+    fit(vae.model, vae.guide, s, epochs=2, batch_size=32, progress=False, device=DEVICE, run_dir=tmp_path)
     run = load_run(tmp_path)
     for a, b in zip(vae.state_dict().values(), run.vae.state_dict().values()):
         assert torch.equal(a, b)
@@ -90,7 +91,7 @@ def test_vae_checkpoint_round_trip(tmp_path):
 def test_vae_with_kl_warmup_reloads(tmp_path):
     s = load_dataset("digits", binarize="static", subset=64)
     vae = VAE(s.event_shape, latent_dim=2, hidden=(16,))
-    fit(vae.model, vae.guide, s, epochs=2, batch_size=32, kl_warmup_epochs=1, progress=False, device="cpu",
+    fit(vae.model, vae.guide, s, epochs=2, batch_size=32, kl_warmup_epochs=1, progress=False, device=DEVICE,
         run_dir=tmp_path)
     assert torch.equal(load_run(tmp_path).vae.reconstruct(s.test), vae.reconstruct(s.test))
 
@@ -98,7 +99,7 @@ def test_vae_with_kl_warmup_reloads(tmp_path):
 def test_validation_does_not_touch_the_optimiser(tmp_path):
     model, guide = ppca_pair()
     fit(model, guide, toy_data(), val_data=toy_data(32, seed=5), epochs=2, batch_size=32, progress=False,
-        device="cpu", run_dir=tmp_path)
+        device=DEVICE, run_dir=tmp_path)
     state = load_checkpoint(tmp_path)
     steps = {int(s["step"]) for s in state.optimizer["state"].values()}
     assert steps == {2 * 3}, steps  # 2 epochs x 3 batches, no extra steps from validation
@@ -118,21 +119,21 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
     with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 3, step 2 .*last good checkpoint is kept .*checkpoint-000002.pt"):
         with pyro.validation_enabled(False):
-            fit(poisoned_model, guide, toy_data(), epochs=5, batch_size=32, progress=False, device="cpu",
+            fit(poisoned_model, guide, toy_data(), epochs=5, batch_size=32, progress=False, device=DEVICE,
                 run_dir=tmp_path)
     state = load_checkpoint(tmp_path)
     assert state.epoch == 2 and all(torch.isfinite(v).all() for v in state.params.values())
     # and it resumes, with a lower learning rate
     pyro.clear_param_store()
     model, guide = ppca_pair()
-    r = fit(model, guide, toy_data(), epochs=4, batch_size=32, lr=1e-4, progress=False, device="cpu", resume=tmp_path)
+    r = fit(model, guide, toy_data(), epochs=4, batch_size=32, lr=1e-4, progress=False, device=DEVICE, resume=tmp_path)
     assert [h["epoch"] for h in r.history] == [1, 2, 3, 4] and r.history[-1]["lr"] == 1e-4
 
 
 def test_early_stopping_and_kl_warmup():
     model, guide = ppca_pair()
     r = fit(model, guide, toy_data(), val_data=toy_data(32, seed=5), epochs=200, batch_size=32, lr=0.05,
-            patience=2, kl_warmup_epochs=2, progress=False, device="cpu")
+            patience=2, kl_warmup_epochs=2, progress=False, device=DEVICE)
     assert r.stopped_early and len(r.history) < 200
     assert r.history[0]["kl_weight"] < 1.0 and r.history[-1]["kl_weight"] == 1.0
 
@@ -168,15 +169,15 @@ def test_bad_options(kwargs, err, match):
 def test_bad_data(data, err, match):
     model, guide = ppca_pair()
     with pytest.raises(err, match=match):
-        fit(model, guide, data, progress=False, device="cpu")
+        fit(model, guide, data, progress=False, device=DEVICE)
 
 
 def test_vae_data_checks():
     vae = VAE((1, 4, 4), latent_dim=2, hidden=(8,))
     with pytest.raises(ValueError, match=r"data must have shape \(batch, \*\(1, 4, 4\)\), got \(8, 3, 3\)"):
-        fit(vae.model, vae.guide, torch.zeros(8, 3, 3), progress=False, device="cpu")
+        fit(vae.model, vae.guide, torch.zeros(8, 3, 3), progress=False, device=DEVICE)
     with pytest.raises(ValueError, match="data must be binary"):
-        fit(vae.model, vae.guide, torch.rand(8, 1, 4, 4), progress=False, device="cpu")
+        fit(vae.model, vae.guide, torch.rand(8, 1, 4, 4), progress=False, device=DEVICE)
 
 
 def test_dataset_and_numpy_inputs():
@@ -184,22 +185,22 @@ def test_dataset_and_numpy_inputs():
     torch.manual_seed(0)
     model, guide = ppca_pair()
     ds = torch.utils.data.TensorDataset(x)
-    r1 = fit(model, guide, ds, epochs=1, batch_size=20, progress=False, device="cpu")
+    r1 = fit(model, guide, ds, epochs=1, batch_size=20, progress=False, device=DEVICE)
     pyro.clear_param_store()
     torch.manual_seed(0)
     model, guide = ppca_pair()
-    r2 = fit(model, guide, x.numpy(), epochs=1, batch_size=20, progress=False, device="cpu")
+    r2 = fit(model, guide, x.numpy(), epochs=1, batch_size=20, progress=False, device=DEVICE)
     assert r1.train_elbo == r2.train_elbo
 
 
 def test_two_vaes_with_one_name_are_caught():
     x = torch.bernoulli(torch.full((8, 4), 0.5))
     a, b = VAE((4,), latent_dim=2, hidden=(8,)), VAE((4,), latent_dim=2, hidden=(8,))
-    fit(a.model, a.guide, x, epochs=1, progress=False, device="cpu")
+    fit(a.model, a.guide, x, epochs=1, progress=False, device=DEVICE)
     with pytest.raises(ValueError, match=r"param store holds 'vae.encoder\$\$\$net.0.weight' for a different tensor"):
-        fit(b.model, b.guide, x, epochs=1, progress=False, device="cpu")
+        fit(b.model, b.guide, x, epochs=1, progress=False, device=DEVICE)
     c = VAE((4,), latent_dim=2, hidden=(8,), name="second")
-    fit(c.model, c.guide, x, epochs=1, progress=False, device="cpu")
+    fit(c.model, c.guide, x, epochs=1, progress=False, device=DEVICE)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -214,4 +215,4 @@ def test_dataset_of_tuples_passes_every_tensor_or_says_why():
     model, guide = ppca_pair()
     ds = torch.utils.data.TensorDataset(toy_data(40), torch.zeros(40))
     with pytest.raises(TypeError, match=r"passes each tensor as a positional argument"):
-        fit(model, guide, ds, epochs=1, batch_size=20, progress=False, device="cpu")
+        fit(model, guide, ds, epochs=1, batch_size=20, progress=False, device=DEVICE)

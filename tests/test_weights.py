@@ -170,3 +170,48 @@ def test_datapoint_major_handles_any_plate_layout():
     site = {"value": value, "fn": dist.Normal(value, 1.0).to_event(1), "cond_indep_stack": (data,)}
     out, names = datapoint_major(site, structure, vectorized=False)
     assert out.shape == (4, 2) and names == [None]
+
+
+# --------------------------------------------------------------------------- chunks sized by memory
+def test_chunks_are_sized_by_the_memory_a_particle_takes(monkeypatch):
+    """The first chunk (PROBE_PAIRS pairs) measures a particle's footprint; the next chunks fill the
+    budget; K stays exact; no chunk after the first reads a value back to the host."""
+    from pyrovae import weights
+    from pyrovae.static import _NoValueReads
+
+    sizes = []
+    real = weights.particle_pass
+
+    def recording(model, guide, args, kwargs, structure, num):
+        sizes.append(num)
+        if len(sizes) == 1:
+            return real(model, guide, args, kwargs, structure, num)
+        with _NoValueReads():  # a host read here would be a device synchronisation per chunk on a GPU
+            return real(model, guide, args, kwargs, structure, num)
+
+    monkeypatch.setattr(weights, "particle_pass", recording)
+    monkeypatch.setattr(weights, "PROBE_PAIRS", 40)
+    m = PPCA()
+    x = m.sample(10)
+    first_pass = real(m.model, m.diag_guide, (x,), {}, inspect_pair(m.model, m.diag_guide, (x,), {}, plate="data"), 4)
+    per_particle = weights._trace_bytes(first_pass) // 4
+    monkeypatch.setitem(weights.CHUNK_MEMORY, "cpu", 7 * per_particle)
+    est = log_marginal(m.model, m.diag_guide, x, num_particles=50)
+    assert sizes[0] == 4 and sizes[1:] == [7] * 6 + [4], sizes  # 4 + 6 * 7 + 4 = 50
+    assert est.log_marginal.shape == (10,) and torch.isfinite(est.log_marginal).all()
+
+
+def test_cuda_chunks_take_at_most_half_the_free_memory(monkeypatch):
+    from pyrovae import weights
+
+    gib = 2**30
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (6 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 1 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 * gib)
+    # 10 particles took 100 MiB: 10 MiB each; budget min(4 GiB, 6 GiB / 2) = 3 GiB -> 307 particles
+    assert weights.auto_chunk_size(100 * 2**20, 10, cuda, 5000) == 307
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (70 * gib, 80 * gib))
+    assert weights.auto_chunk_size(100 * 2**20, 10, cuda, 5000) == 409  # the 4 GiB cap
+    assert weights.auto_chunk_size(100 * 2**20, 10, cuda, 50) == 50  # never more than what remains
+    assert weights.auto_chunk_size(100 * gib, 1, cuda, 50) == 1  # one particle at a time, at least

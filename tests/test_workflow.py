@@ -23,7 +23,7 @@ from pyrovae.diagnostics import (SBCResult, UnreliableEstimateWarning, active_un
 from pyrovae.importance import LogMarginalSummary
 from pyrovae.workflow import CHECK_FORMAT, CHECK_SCHEMA, check_run, compare_runs, validate_check_report
 
-from .common import PPCA
+from .common import DEVICE, PPCA
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "workflow.md"
 
@@ -127,7 +127,7 @@ def test_ecdf_band_holds_whole_uniform_ecdfs_at_its_level():
     band = template.ecdf_band(level=0.95)
     inside = 0
     for _ in range(300):
-        r = SBCResult(torch.randint(0, 50, (200, 1), generator=g), 49, ("z",))
+        r = SBCResult(torch.randint(0, 50, (200, 1), generator=g, device="cpu"), 49, ("z",))
         d = r.ecdf_difference(band)[0]
         inside += bool(((d >= band.lower - 1e-12) & (d <= band.upper + 1e-12)).all())
     assert abs(inside / 300 - 0.95) < 4 * 0.0126, inside
@@ -205,7 +205,7 @@ def _two_of_eight(split_sites: bool):
 @pytest.mark.parametrize("split_sites", [False, True], ids=["exact-means", "estimated-means"])
 def test_active_units_counts_the_units_that_move_with_x(split_sites):
     model, guide = _two_of_eight(split_sites)
-    x = torch.randn(400, 3, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(400, 3, generator=torch.Generator().manual_seed(0), device="cpu").to(DEVICE)
     units = active_units(model, guide, x)
     assert units.count == 2 and units.active[:2].all(), units
     assert units.exact_means is not split_sites
@@ -228,7 +228,7 @@ def _trained_vae_active_units(seed):
     x = m.sample(2000, seed=seed + 1).float()
     pyro.set_rng_seed(seed)
     vae = pyrovae.VAE((10,), latent_dim=8, hidden=(32,), likelihood="gaussian", likelihood_options={"scale": 0.5})
-    pyrovae.fit(vae.model, vae.guide, x, epochs=100, batch_size=100, lr=1e-2, progress=False, device="cpu", seed=seed)
+    pyrovae.fit(vae.model, vae.guide, x, epochs=100, batch_size=100, lr=1e-2, progress=False, device=DEVICE, seed=seed)
     vae.eval()
     units = active_units(vae.model, vae.guide, x[:1000])
     assert units.count in (2, 3), units
@@ -253,7 +253,8 @@ def test_latent_usage_kl_reconstruction_and_mutual_information():
     # Tier 2: E_q log p(x|z) is Monte Carlo over 4000 draws; 4 standard errors.
     residual = ((x - mean @ m.W.T - m.b) ** 2).sum(-1) + (m.W**2 * sd**2).sum()
     exact = (-0.5 * m.d * math.log(2 * math.pi * m.sigma**2) - residual / (2 * m.sigma**2)).mean()
-    z = mean + sd * torch.randn(10, *mean.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    z = mean + sd * torch.randn(10, *mean.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64,
+                                device="cpu").to(mean.device)
     terms = dist.Normal(z @ m.W.T + m.b, m.sigma).log_prob(x).sum(-1)  # the test's own Monte Carlo, for its spread
     stderr = float(terms.std() / math.sqrt(terms.numel()))
     assert abs(usage.reconstruction - float(exact)) < 4 * stderr, (usage.reconstruction, float(exact), stderr)
@@ -342,7 +343,7 @@ def test_summary_never_prints_a_non_finite_khat():
 
 def test_khat_min_draws_is_where_arviz_starts_fitting_tails():
     k = khat_min_draws()
-    lw = torch.randn(k, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    lw = torch.randn(k, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64, device="cpu")
     assert torch.isfinite(psis_khat(lw)).all() and torch.isinf(psis_khat(lw[:-1])).all()
     with pytest.raises(ValueError, match="reff must be a positive"):
         khat_min_draws(0.0)
