@@ -84,9 +84,13 @@ class _CalledModules:
             m.training = mode
 
 
+#: how torch says that tensors of one operation live on different devices
+_MIXED_DEVICES = ("on the same device", "not on the expected device", "device type for generator")
+
+
 def _refuse_mixed_devices(error: RuntimeError, args: tuple, kwargs: dict) -> None:
     """A network on one device met data on another: say which, and what to move."""
-    if "device" not in str(error):  # "... on the same device", "... not on the expected device"
+    if not any(phrase in str(error) for phrase in _MIXED_DEVICES):
         return
     devices = sorted({str(v.device) for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)})
     raise ValueError(

@@ -77,9 +77,10 @@ __all__ = [
 
 PARTICLE_PLATE = "_pyrovae_particles"
 #: Memory a chunk of particles may take, by device type: the chunk size follows from the
-#: footprint of the first chunk. On the CPU a chunk that stays in the caches is fastest
-#: (8 MiB: the best of 4 to 256 MiB on 300 MNIST images, benchmarks/README.md); on CUDA,
-#: the chunks are large, at most 4 GiB and at most half of the free device memory.
+#: footprint of the first chunk (on CUDA the allocator's peak, on the CPU :func:`_trace_bytes`).
+#: On the CPU a chunk that stays in the caches is fastest (8 MiB: the best of 4 to 256 MiB on
+#: 300 MNIST images, benchmarks/README.md); on CUDA, chunks are large, at most 4 GiB and at most
+#: half of the free device memory.
 CHUNK_MEMORY = {"cpu": 8 * 2**20, "cuda": 4 * 2**30}
 #: Particle-datapoint pairs in the first chunk, which measures the footprint.
 PROBE_PAIRS = 2**12
@@ -561,18 +562,17 @@ class _PeakMemory:
 
 
 def _trace_bytes(first: ParticlePass) -> int:
-    """An estimate of what a chunk takes on the CPU: twice the bytes of every tensor its traces
-    hold (values, distribution parameters, log-densities), each storage counted once; the
-    factor covers the temporaries of the densities, freed as they go."""
+    """The CPU's proxy for what a chunk takes: twice the bytes of the sample values its traces
+    hold, each storage counted once. The values grow with the particles as the activations do;
+    :data:`CHUNK_MEMORY` is calibrated against this proxy (counting the distributions'
+    parameters as well gave slower chunk sizes at every budget tried)."""
     seen, total = set(), 0
     for trace in (*first.guide_traces, *first.model_traces):
         for site in trace.nodes.values():
-            fn = site.get("fn")
-            tensors = [site.get("value")] + [getattr(fn, k, None) for k in ("loc", "scale", "logits", "probs")]
-            for t in tensors:
-                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
-                    seen.add(t.untyped_storage().data_ptr())
-                    total += t.untyped_storage().nbytes()
+            t = site.get("value")
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                total += t.untyped_storage().nbytes()
     return 2 * max(total, 1)
 
 

@@ -25,8 +25,8 @@ def test_fit_and_log_marginal_on_cuda(tmp_path):
     assert not next(run.vae.parameters()).is_cuda
 
 
-def test_static_graph_on_cuda_equals_eager():
-    """Recorded steps on CUDA: the CUDA generator is saved and restored like the CPU one."""
+def _fit_copies(options):
+    """Two copies of one VAE trained 3 epochs on CUDA, with ``options(False)`` and ``options(True)``."""
     x = torch.bernoulli(torch.full((80, 12), 0.3))
     torch.manual_seed(0)
     template = VAE((12,), latent_dim=3, hidden=(16,))
@@ -35,7 +35,13 @@ def test_static_graph_on_cuda_equals_eager():
         vae = VAE(config=dataclasses.replace(template.config, name=f"cuda{mode}"))
         vae.load_state_dict(template.state_dict())
         results[mode] = fit(vae.model, vae.guide, x, epochs=3, batch_size=32, device="cuda", progress=False,
-                            static_graph=mode, cuda_graph=False)
+                            **options(mode))
+    return results
+
+
+def test_static_graph_on_cuda_equals_eager():
+    """Recorded steps on CUDA: the CUDA generator is saved and restored like the CPU one."""
+    results = _fit_copies(lambda mode: dict(static_graph=mode, cuda_graph=False))
     assert results[True].static_graph, results[True].static_graph_off
     for name, p in results[False].params.items():
         assert p.is_cuda and torch.equal(p, results[True].params[name]), name
@@ -45,15 +51,7 @@ def test_cuda_graph_steps_match_static_steps():
     """Replayed as CUDA graphs (the default on CUDA): checked bitwise against the same step run eagerly on
     the first batch of each shape. Against a run without graphs, the optimiser differs only in how Adam
     computes its bias correction (on the device, capturable=True): equal to 1e-5 after 3 epochs."""
-    x = torch.bernoulli(torch.full((80, 12), 0.3))
-    torch.manual_seed(0)
-    template = VAE((12,), latent_dim=3, hidden=(16,))
-    results = {}
-    for mode in (False, True):
-        vae = VAE(config=dataclasses.replace(template.config, name=f"graph{mode}"))
-        vae.load_state_dict(template.state_dict())
-        results[mode] = fit(vae.model, vae.guide, x, epochs=3, batch_size=32, device="cuda", progress=False,
-                            static_graph=True, cuda_graph=mode)
+    results = _fit_copies(lambda mode: dict(static_graph=True, cuda_graph=mode))
     on = results[True]
     assert on.cuda_graph and on.cuda_graph_off is None, on.cuda_graph_off
     for name, p in results[False].params.items():

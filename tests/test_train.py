@@ -216,3 +216,28 @@ def test_dataset_of_tuples_passes_every_tensor_or_says_why():
     ds = torch.utils.data.TensorDataset(toy_data(40), torch.zeros(40))
     with pytest.raises(TypeError, match=r"passes each tensor as a positional argument"):
         fit(model, guide, ds, epochs=1, batch_size=20, progress=False, device=DEVICE)
+
+
+def test_optimizer_options_reach_the_optimiser_are_validated_and_kept_on_resume(tmp_path):
+    """Burda et al.'s Adam has eps = 1e-4: fit passes optimizer_options to the optimiser, checks them
+    eagerly, stores them in config.json, and a resume may not change them."""
+    model, guide = ppca_pair()
+    x = toy_data()
+    fit(model, guide, x, epochs=1, batch_size=32, progress=False, device=DEVICE, run_dir=tmp_path,
+        optimizer_options={"eps": 1e-4, "betas": (0.9, 0.99)})
+    ckpt = torch.load(next(tmp_path.glob("checkpoint-*.pt")), weights_only=True)
+    assert ckpt["optimizer"]["param_groups"][0]["eps"] == 1e-4
+    assert json.loads((tmp_path / "config.json").read_text())["fit"]["optimizer_options"] == {
+        "eps": 1e-4, "betas": [0.9, 0.99]}
+    fit(model, guide, x, epochs=2, batch_size=32, progress=False, device=DEVICE, resume=tmp_path,
+        optimizer_options={"eps": 1e-4, "betas": (0.9, 0.99)})  # the same options: fine
+    with pytest.raises(ValueError, match=r"optimizer_options \(\{'eps': 0.0001"):
+        fit(model, guide, x, epochs=3, batch_size=32, progress=False, device=DEVICE, resume=tmp_path)
+    for bad, error, message in [
+        ({"lr": 0.1}, ValueError, r"may not set \['lr'\]: pass them as fit's own options"),
+        ({"momentum": 0.9}, ValueError, r"\['momentum'\] are not options of Adam"),
+        ({"eps": -1.0}, ValueError, "not valid for 'adam': Invalid epsilon value"),
+        ([("eps", 1e-4)], TypeError, "optimizer_options must be a dict"),
+    ]:
+        with pytest.raises(error, match=message):
+            fit(model, guide, x, epochs=1, progress=False, device=DEVICE, optimizer_options=bad)
