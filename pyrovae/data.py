@@ -20,6 +20,7 @@ Sources: ``digits`` (scikit-learn's 8x8 digits, no files needed), ``mnist``
 files or in-memory arrays through :func:`from_arrays`).
 """
 
+import contextlib
 import gzip
 import os
 import struct
@@ -41,6 +42,7 @@ __all__ = [
     "read_idx",
     "read_amat",
     "dynamic_binarize",
+    "to_device",
 ]
 
 BINARIZATIONS = ("none", "static", "dynamic", "threshold")
@@ -603,12 +605,31 @@ def _rows(batch) -> int:
     return len(first)
 
 
-def _to(batch, device):
+def to_device(batch, device):
+    """A batch (a tensor, a tuple or a dict of tensors) on ``device``."""
     if isinstance(batch, dict):
         return {k: v.to(device) for k, v in batch.items()}
     if isinstance(batch, tuple):
         return tuple(v.to(device) for v in batch)
     return batch.to(device)
+
+
+def _on_cpu():
+    """The CPU as the default device while a DataLoader draws: its samplers pair CPU generators
+    with tensors that the default device creates (``torch.set_default_device("cuda")`` breaks
+    ``shuffle=True`` otherwise). A no-op when the CPU is the default already."""
+    if torch.get_default_device().type == "cpu":
+        return contextlib.nullcontext()
+    return torch.device("cpu")
+
+
+def _cpu_batches(iterator):
+    while True:
+        with _on_cpu():
+            batch = next(iterator, None)
+        if batch is None:
+            return
+        yield batch
 
 
 class LoaderBatches:
@@ -649,9 +670,9 @@ class LoaderBatches:
     def first(self):
         """The first batch of a fresh pass, drawn without moving any random state."""
         if self._first is None:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), _on_cpu():
                 self._first = _batch_form(next(iter(self.loader)), self.name)
-        return _to(self._first, self.device)
+        return to_device(self._first, self.device)
 
     def head(self, n: int):
         batch = self.first()
@@ -675,10 +696,11 @@ class LoaderBatches:
             sampler_gen.set_state(state["sampler"])
         current = torch.get_rng_state()
         torch.set_rng_state(state["torch"])
-        iterator = iter(self.loader)  # draws the epoch's shuffling seed from the generator set above
+        with _on_cpu():
+            iterator = iter(self.loader)  # draws the epoch's shuffling seed from the generator set above
         if skip:
             torch.set_rng_state(current)
-        for i, batch in enumerate(iterator):
+        for i, batch in enumerate(_cpu_batches(iterator)):
             if i >= skip:
                 batch = _batch_form(batch, self.name)
-                yield _to(batch, self.device), _rows(batch)
+                yield to_device(batch, self.device), _rows(batch)

@@ -524,8 +524,10 @@ def _seeded(seed: Optional[int], args: tuple, kwargs: dict):
     if seed is None:
         yield
         return
-    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-    devices = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
+    values = [*args, *kwargs.values()]
+    values += [v for a in values if isinstance(a, dict) for v in a.values()]  # a lone dict batch
+    values += [v for a in values if isinstance(a, (tuple, list)) for v in a]  # a lone tuple batch
+    devices = sorted({t.device.index or 0 for t in values if isinstance(t, torch.Tensor) and t.is_cuda})
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield

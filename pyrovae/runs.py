@@ -48,6 +48,7 @@ import torch
 
 from ._checks import CheckpointError, check_path
 from ._compat import split_module_param_name
+from .data import to_device
 from .pair import ModelGuidePair, batch_arguments
 from .vae import VAE, VAEConfig
 
@@ -508,7 +509,9 @@ def load_run(path, *, model=None, guide=None, which: str = "latest") -> Run:
     if state.example is None:
         raise CheckpointError(f"checkpoint in {folder.path} keeps no example batch to find the parameters with")
     pair = ModelGuidePair(model, guide)
-    args, kwargs = batch_arguments(state.example)
+    # A pair of the user's is run where its networks were built: on the default device.
+    example = state.example if vae is not None else to_device(state.example, torch.get_default_device())
+    args, kwargs = batch_arguments(example)
     # The built-in VAE keeps every parameter in its modules: find them in a scratch param store,
     # so that reloading never collides with a VAE of the same name registered in this process.
     with (pyro.get_param_store().scope() if vae is not None else contextlib.nullcontext()):

@@ -30,8 +30,10 @@ LISTED = {
 
 
 def _run(name, extra=()):
+    """The examples are CPU scripts (device="cpu"): under PYROVAE_DEVICE=cuda they still build on the CPU."""
     module = load_example(name[:-3])
-    return module.main(module.parser().parse_args([*LISTED[name], *extra]))
+    with torch.device("cpu"):
+        return module.main(module.parser().parse_args([*LISTED[name], *extra]))
 
 
 def _improved(result):

@@ -272,9 +272,15 @@ def test_boolean_mask_program_falls_back_to_sequential_and_stays_exact():
 class _GaussianMixture:
     """c ~ Cat(pi), z | c ~ N(mu_c, 1), x | z ~ N(z, s^2): log p(x) and p(z | x) in closed form."""
 
-    pi = torch.tensor([0.3, 0.7], dtype=torch.float64)
-    mu = torch.tensor([-2.0, 1.5], dtype=torch.float64)
     s = 0.8
+
+    @property
+    def pi(self):  # made when used, on the suite's default device (not when the module is imported)
+        return torch.tensor([0.3, 0.7], dtype=torch.float64)
+
+    @property
+    def mu(self):
+        return torch.tensor([-2.0, 1.5], dtype=torch.float64)
 
     def model(self, x):
         with pyro.plate("data", len(x)):

@@ -79,6 +79,8 @@ def test_a_streamed_run_resumed_mid_epoch_equals_the_uninterrupted_run(tmp_path)
     assert full.train_elbo == resumed.train_elbo
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="forked DataLoader workers cannot use CUDA, which the suite makes the "
+                    "default device; with workers, leave the default device on the CPU")
 def test_loader_workers_give_the_same_run():
     a, b = _run(None), _run(None, workers=2)
     for name in a.params:

@@ -172,7 +172,7 @@ def test_batchnorm_pair_resumes_bitwise_running_statistics_included(tmp_path):
         assert torch.equal(a, b), name
     assert int(resumed[1].num_batches_tracked) == 4 * 4  # 4 epochs x 4 batches: validation did not count
     saved = load_checkpoint(tmp_path / "b").buffers
-    assert torch.equal(saved["buffer.param.encoder.1.running_mean"], resumed[1].running_mean)
+    assert torch.equal(saved["buffer.param.encoder.1.running_mean"], resumed[1].running_mean.cpu())
 
 
 def test_load_run_restores_a_users_pair_and_refuses_a_missing_buffer(tmp_path):
@@ -208,7 +208,7 @@ def test_validation_runs_in_eval_mode_and_restores_the_mode():
     from pyrovae.train import FitConfig
     from pyro.infer import Trace_ELBO
 
-    group = distributed.setup("cpu")
+    group = distributed.setup(DEVICE)
     trainer = Trainer(ModelGuidePair(model, guide), Trace_ELBO(), FitConfig(batch_size=8, progress=False,
                       device=DEVICE), TensorBatches(_toy(), "data"), TensorBatches(_toy(16), "val_data"),
                       group=group, folder=None)
@@ -242,7 +242,7 @@ class _RecordingGroup(distributed.Group):
 
 @pytest.mark.filterwarnings("ignore:Encountered NaN:UserWarning")
 def test_the_process_group_is_closed_on_error_paths(monkeypatch):
-    monkeypatch.setattr(distributed, "setup", lambda device: _RecordingGroup(device=torch.device("cpu")))
+    monkeypatch.setattr(distributed, "setup", lambda device: _RecordingGroup(device=distributed.resolve_device(device)))
     model, guide = _ppca_pair()
     with pytest.raises(NonFiniteLossError), pyro.validation_enabled(False):
         fit(lambda x: model(x * float("nan")), guide, _toy(), epochs=1, progress=False, device=DEVICE)

@@ -80,7 +80,8 @@ def test_vae_checkpoint_round_trip(tmp_path):
     s = load_dataset("digits", binarize="static", subset=64)
     vae = VAE(s.event_shape, latent_dim=2, hidden=(16,))
     fit(vae.model, vae.guide, s, epochs=2, batch_size=32, progress=False, device=DEVICE, run_dir=tmp_path)
-    run = load_run(tmp_path)
+    run = load_run(tmp_path)  # onto the CPU, wherever it was trained
+    vae.cpu()
     for a, b in zip(vae.state_dict().values(), run.vae.state_dict().values()):
         assert torch.equal(a, b)
     assert torch.equal(vae.reconstruct(s.test), run.vae.reconstruct(s.test))
@@ -93,7 +94,7 @@ def test_vae_with_kl_warmup_reloads(tmp_path):
     vae = VAE(s.event_shape, latent_dim=2, hidden=(16,))
     fit(vae.model, vae.guide, s, epochs=2, batch_size=32, kl_warmup_epochs=1, progress=False, device=DEVICE,
         run_dir=tmp_path)
-    assert torch.equal(load_run(tmp_path).vae.reconstruct(s.test), vae.reconstruct(s.test))
+    assert torch.equal(load_run(tmp_path).vae.reconstruct(s.test), vae.cpu().reconstruct(s.test))
 
 
 def test_validation_does_not_touch_the_optimiser(tmp_path):
@@ -189,7 +190,7 @@ def test_dataset_and_numpy_inputs():
     pyro.clear_param_store()
     torch.manual_seed(0)
     model, guide = ppca_pair()
-    r2 = fit(model, guide, x.numpy(), epochs=1, batch_size=20, progress=False, device=DEVICE)
+    r2 = fit(model, guide, x.cpu().numpy(), epochs=1, batch_size=20, progress=False, device=DEVICE)
     assert r1.train_elbo == r2.train_elbo
 
 
