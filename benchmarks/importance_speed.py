@@ -40,21 +40,19 @@ def hand_vectorised(vae, x, K, chunk):
     """What a careful PyTorch user writes: chunked particles, streaming float64 log-sum-exp."""
     with torch.no_grad():
         loc, scale = vae.encoder(x)
-        m = s = None
-        for start in range(0, K, chunk):
-            c = min(chunk, K - start)
-            z = loc + scale * torch.randn(c, *loc.shape, device=loc.device)
-            (logits,) = vae.decoder(z)
-            log_px = -F.binary_cross_entropy_with_logits(logits, x.expand(c, *x.shape), reduction="none").flatten(2).sum(-1)
-            log_pz = (-0.5 * z**2 - 0.5 * math.log(2 * math.pi)).sum(-1)
-            log_qz = (-0.5 * ((z - loc) / scale) ** 2 - scale.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
-            lw = (log_px + log_pz - log_qz).double()
-            cm = lw.max(0).values
-            nm = cm if m is None else torch.maximum(m, cm)
-            t = (lw - nm).exp().sum(0)
-            s = t if s is None else s * (m - nm).exp() + t
-            m = nm
-        return m + s.log() - math.log(K)
+
+        def chunks():
+            for start in range(0, K, chunk):
+                c = min(chunk, K - start)
+                z = loc + scale * torch.randn(c, *loc.shape, device=loc.device)
+                (logits,) = vae.decoder(z)
+                log_px = -F.binary_cross_entropy_with_logits(logits, x.expand(c, *x.shape),
+                                                             reduction="none").flatten(2).sum(-1)
+                log_pz = (-0.5 * z**2 - 0.5 * math.log(2 * math.pi)).sum(-1)
+                log_qz = (-0.5 * ((z - loc) / scale) ** 2 - scale.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+                yield log_px + log_pz - log_qz
+
+        return tutorial_vae.streaming_log_mean_exp(chunks(), K)
 
 
 def pyro_importance(vae, x, K):

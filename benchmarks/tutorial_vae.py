@@ -100,11 +100,21 @@ def hand_log_marginal(vae, x, K, chunk):
     """What a careful PyTorch user writes: chunked particles, a streaming float64 log-sum-exp."""
     x = x.reshape(-1, PIXELS)
     loc, scale = vae.encoder(x)
+
+    def chunks():
+        for start in range(0, K, chunk):
+            z = loc + scale * torch.randn(min(chunk, K - start), *loc.shape, device=loc.device)
+            yield _log_joint_minus_q(vae, x, z, loc, scale)
+
+    return streaming_log_mean_exp(chunks(), K)
+
+
+def streaming_log_mean_exp(chunks, K):
+    """log (1/K) sum_k exp(lw_k) per datapoint from chunks of log weights ``(c, N)``, in float64,
+    keeping only a running maximum and sum (the hand-written samplers' reduction)."""
     m = s = None
-    for start in range(0, K, chunk):
-        c = min(chunk, K - start)
-        z = loc + scale * torch.randn(c, *loc.shape, device=loc.device)
-        lw = _log_joint_minus_q(vae, x, z, loc, scale).double()
+    for lw in chunks:
+        lw = lw.double()
         cm = lw.max(0).values
         nm = cm if m is None else torch.maximum(m, cm)
         t = (lw - nm).exp().sum(0)

@@ -179,14 +179,13 @@ class GraphedSteps:
     """
 
     def __init__(self, optimizer, params: Sequence[torch.Tensor], device: torch.device):
-        self.optimizer, self.params, self.device = optimizer, list(params), device
+        self.optimizer, self.params = optimizer, list(params)
         self.accumulators = (torch.zeros((), dtype=torch.float64, device=device),  # loss sum
                              torch.full((), -1, dtype=torch.int64, device=device),  # first non-finite step
                              torch.zeros((), dtype=torch.int64, device=device))  # step of the epoch
         self.pool = torch.cuda.graph_pool_handle()
         self.steps: Dict[tuple, GraphedStep] = {}
         self.failure: Optional[str] = None
-        self.replays = 0
         self._epoch_start: Optional[_Snapshot] = None
         make_capturable(optimizer, True)
 
@@ -204,7 +203,6 @@ class GraphedSteps:
                 self.steps[shape] = step
             return True
         step.replay(x)
-        self.replays += 1
         return True
 
     def skip(self) -> None:
