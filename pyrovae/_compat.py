@@ -12,7 +12,7 @@ import pyro
 import torch
 
 __all__ = ["TESTED", "split_module_param_name", "trace_elbo_log_r", "get_elbo_traces", "make_fx", "is_deterministic",
-           "plate_full_size", "pack_trace", "packed_dims"]
+           "plate_full_size", "pack_trace", "packed_dims", "tensor_version"]
 
 #: versions on which every helper below was checked
 TESTED = {"pyro-ppl": ("1.9.1", "1.9.2"), "torch": ("2.11", "2.13")}
@@ -75,6 +75,12 @@ def pack_trace(trace) -> dict:
 def packed_dims(tensor) -> str:
     """The dim symbols of a packed tensor (``tensor._pyro_dims``)."""
     return tensor._pyro_dims
+
+
+def tensor_version(tensor: torch.Tensor) -> int:
+    """How many times a tensor (or a view sharing its memory) was changed in place
+    (``Tensor._version``, the counter autograd checks saved tensors with)."""
+    return tensor._version
 
 
 def versions() -> str:

@@ -89,7 +89,16 @@ def khat_threshold(num_samples: int) -> float:
 
 
 def psis_khat(log_weights: torch.Tensor, *, tol=None) -> torch.Tensor:
-    """PSIS Pareto k-hat for each datapoint, through ArviZ's ``psislw``.
+    """PSIS Pareto k-hat for each datapoint (Vehtari et al., 2024), computed in torch.
+
+    A batched float64 reimplementation of the k-hat of ArviZ 0.23's
+    ``psislw(..., reff=1)``: the largest ``ceil(min(K / 5, 3 sqrt(K)))``
+    weights of each datapoint are fitted with a generalised Pareto
+    distribution by Zhang and Stephens' (2009) empirical-Bayes estimator with
+    the weakly informative prior on its shape (:func:`_gpd_shape`). It runs
+    on the device of ``log_weights`` and waits on it twice: for the NaN check
+    and for the grouping of datapoints by tail length (once more for a tensor
+    ``tol``, which is checked on the CPU).
 
     Weights that are all equal up to round-off, as under an exact guide, have
     no tail to fit: their k-hat is ``-inf``, read as "reliable" (ArviZ would
@@ -101,9 +110,12 @@ def psis_khat(log_weights: torch.Tensor, *, tol=None) -> torch.Tensor:
         ``64 * eps * (1 + max |log w|)`` with the float64 epsilon, the round-off
         of float64 arithmetic; weights computed in float32 need a larger one
         (:func:`pyrovae.log_marginal` passes the round-off of its own log-densities).
-    :returns: tensor of shape ``(N,)`` (float64, on the CPU). ``-inf``: constant
-        weights. ``inf``: no tail fit is possible (K too small, see
-        :func:`khat_min_draws`, or every weight zero), read as "unreliable".
+    :returns: tensor of shape ``(N,)``, float64, on the device of ``log_weights``.
+        ``-inf``: constant weights. ``inf``, read as "unreliable": no tail fit
+        is possible (K too small, see :func:`khat_min_draws`; at most 4
+        weights above the cutoff; every weight zero; or some weight ``+inf``,
+        even where the finite ones are constant). Elsewhere the value is
+        ArviZ's up to float64 round-off.
 
     >>> lw = torch.zeros(200, 2, dtype=torch.float64)
     >>> lw[:, 1] = torch.randn(200, generator=torch.Generator().manual_seed(0), device="cpu") * 0.1
@@ -113,26 +125,101 @@ def psis_khat(log_weights: torch.Tensor, *, tol=None) -> torch.Tensor:
     """
     if not isinstance(log_weights, torch.Tensor) or log_weights.dim() != 2:
         raise ValueError(f"log_weights must be a (K, N) tensor, got {getattr(log_weights, 'shape', log_weights)!r}")
-    lw = log_weights.detach().to("cpu", torch.float64)
-    if torch.isnan(lw).any():
-        raise ValueError(f"log_weights contain NaN (datapoints {torch.isnan(lw).any(0).nonzero()[:5, 0].tolist()})")
-    finite = torch.isfinite(lw)
-    top = torch.where(finite, lw, -math.inf).max(0).values
-    bottom = torch.where(finite, lw, math.inf).min(0).values
-    tol = _khat_tol(tol, top)
-    constant = finite.any(0) & (top - bottom <= tol)
-    fit = finite.any(0) & ~constant
-    out = torch.full((lw.shape[1],), math.inf, dtype=torch.float64, device="cpu")
-    out[constant] = -math.inf
-    if fit.any():
-        az = _arviz()
-        with warnings.catch_warnings():
-            # ArviZ warns when k-hat is high or the tail is short; the value says it already.
-            warnings.simplefilter("ignore", UserWarning)
-            warnings.simplefilter("ignore", RuntimeWarning)
-            _, kss = az.psislw(lw[:, fit].T.contiguous().numpy(), reff=1.0)
-        out[fit] = torch.as_tensor(np.asarray(kss, dtype=np.float64), device="cpu").reshape(-1)
+    lw = log_weights.detach().to(torch.float64)
+    top, bottom = lw.amax(0), lw.amin(0)  # NaN propagates into both
+    has_nan, has_zero_weight = torch.stack([top.isnan().any(), (bottom == -math.inf).any()]).tolist()
+    if has_nan:
+        raise ValueError(f"log_weights contain NaN (datapoints {top.isnan().nonzero()[:5, 0].tolist()})")
+    if has_zero_weight:
+        bottom = torch.where(lw > -math.inf, lw, math.inf).amin(0)  # smallest finite weight
+    tol = _khat_tol(tol, top).to(lw.device)
+    fitted = torch.isfinite(top)  # some finite weight and none +inf
+    constant = fitted & (top - bottom <= tol)
+    out = torch.full_like(top, math.inf).masked_fill_(constant, -math.inf)
+    return _psis_khat_columns(lw, fitted & ~constant, out=out)
+
+
+#: Largest number of float64 elements in the (datapoints, m, n) temporary of the GPD fit.
+_GPD_FIT_ELEMENTS = 2**22
+
+
+def _psis_tail_length(num_draws: int) -> int:
+    """Nominal tail length ``ceil(min(S / 5, 3 sqrt(S / reff)))`` of PSIS for ``reff = 1`` (Vehtari et al., 2024).
+
+    Written as ArviZ 0.23's ``psislw`` writes it, so that it rounds alike.
+
+    >>> _psis_tail_length(21), _psis_tail_length(1000), _psis_tail_length(5000)
+    (5, 95, 213)
+    """
+    return int(math.ceil(min(num_draws / 5.0, 3 * (num_draws / 1.0) ** 0.5)))
+
+
+def _psis_khat_columns(lw: torch.Tensor, fit: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
+    """Write into ``out`` the k-hat of the columns of ``lw`` ``(K, N)`` selected by the mask ``fit``, and return it.
+
+    The selected columns have a finite maximum, no NaN and two distinct
+    values at least. As ArviZ 0.23's ``_psislw`` for ``reff = 1`` (Vehtari et
+    al., 2024): the log weights are shifted by their maximum; the cutoff is
+    the ``M + 1``-th largest of them (:func:`_psis_tail_length`), or the log
+    of the smallest normal float64 if that is larger; the tail is every
+    weight strictly above the cutoff (fewer than ``M`` with ties or ``-inf``
+    entries). A tail of at most 4 weights gets ``inf``; a longer one gets
+    :func:`_gpd_shape` of ``exp(tail) - exp(cutoff)``. Only the ``M + 1``
+    largest weights are sorted (``torch.topk``); columns are fitted in groups
+    of equal tail length, found with one wait on the device.
+    """
+    length = _psis_tail_length(lw.shape[0])
+    largest = torch.topk(lw, min(length + 1, lw.shape[0]), dim=0).values.flip(0).T  # (N, M + 1), ascending
+    x = (largest - largest[:, -1:]).contiguous()  # NaN in columns with +inf or no finite weight: not fitted
+    cutoff = x[:, 0].clamp_min(math.log(torch.finfo(torch.float64).tiny))
+    tail_lengths = torch.where(fit, (x > cutoff[:, None]).sum(1), 0)
+    order = torch.argsort(tail_lengths, stable=True)
+    sizes, counts = torch.stack(torch.unique(tail_lengths, return_counts=True)).tolist()  # sorted, as `order` is
+    for cols, n in zip(order.split(counts), sizes):
+        if n > 4:
+            out[cols] = _gpd_shape(torch.exp(x[cols, -n:]) - torch.exp(cutoff[cols, None]))
     return out
+
+
+def _gpd_shape(tails: torch.Tensor) -> torch.Tensor:
+    """Shape k of a generalised Pareto distribution fitted to each row of ``tails`` ``(C, n)``.
+
+    The rows are non-negative exceedances sorted in ascending order, ``n >= 5``.
+    The estimator is Zhang and Stephens' (2009) empirical-Bayes one, with the
+    weakly informative prior on k of Vehtari et al. (2024) (ArviZ 0.23's
+    ``_gpdfit``). Rows are fitted in slices that keep the ``(rows, m, n)``
+    temporary within ``_GPD_FIT_ELEMENTS`` elements.
+    """
+    n = tails.shape[1]
+    m = 30 + int(n**0.5)
+    step = max(1, _GPD_FIT_ELEMENTS // (m * max(n, m)))
+    return torch.cat([_gpd_shape_slice(rows, m) for rows in tails.split(step)])
+
+
+def _gpd_shape_slice(tails: torch.Tensor, m: int) -> torch.Tensor:
+    """Zhang and Stephens' (2009) posterior-mean fit of the GPD shape on ``m`` grid points, one k per row of ``tails``.
+
+    With ``x`` a sorted row of length n: ``b_j = 1 / x_n + (1 - sqrt(m / (j - 1/2))) / (3 x_q)``
+    (``x_q`` the first quartile), ``k_j = mean(log1p(-b_j x))``, profile
+    log-likelihood ``L_j = n (log(-b_j / k_j) - k_j - 1)``, weights
+    ``w_j = 1 / sum_i exp(L_i - L_j)`` less those below ``10 eps``, then
+    ``k = mean(log1p(-b x))`` at the weighted mean ``b`` of the ``b_j``,
+    shrunk to ``(n k + 5) / (n + 10)`` by the prior (Vehtari et al., 2024).
+    Where no weight is kept (NaN profile, a degenerate tail), ``b`` is 0 as
+    in ArviZ, so ``k = 5 / (n + 10)``.
+    """
+    n = tails.shape[1]
+    grid = torch.arange(1, m + 1, dtype=torch.float64, device=tails.device)
+    b = (1 - torch.sqrt(m / (grid - 0.5))) / (3 * tails[:, int(n / 4 + 0.5) - 1, None]) + 1 / tails[:, -1:]
+    k = (tails[:, None, :] * -b[:, :, None]).log1p_().mean(2)  # the (rows, m, n) temporary
+    profile = n * (torch.log(-(b / k)) - k - 1)
+    weights = 1 / torch.exp(profile[:, None, :] - profile[:, :, None]).sum(2)
+    kept = weights >= 10 * torch.finfo(torch.float64).eps
+    weights, b = torch.where(kept, weights, 0.0), torch.where(kept, b, 0.0)
+    total = weights.sum(1, keepdim=True)
+    b_post = (b * torch.where(total > 0, weights / total, 0.0)).sum(1, keepdim=True)
+    k_post = torch.log1p(-b_post * tails).mean(1)
+    return (n * k_post + 5.0) / (n + 10)
 
 
 def _khat_tol(tol, top: torch.Tensor) -> torch.Tensor:
@@ -255,7 +342,8 @@ def to_inference_data(
     S = num_samples - num_samples % num_chains
     with torch.no_grad(), evaluating(pair, args, kwargs):
         structure = inspect_pair(model, guide, args, kwargs, plate=plate)
-        weights = log_weights(model, guide, args, kwargs, structure, num_particles=S, chunk_size=S, keep_traces=True)
+        weights = log_weights(model, guide, args, kwargs, structure, num_particles=S, chunk_size=S, keep_traces=True,
+                              networks=pair.called_modules())
         traces = posterior_traces(model, args, kwargs, structure, weights.passes)
         replicated = predictive_traces(model, args, kwargs, structure, traces) if posterior_predictive else []
     return _inference_data(structure, weights, traces, replicated, num_chains)
@@ -1107,7 +1195,8 @@ def reweighted_predictive(
     with torch.no_grad(), evaluating(pair, args, kwargs), _seeded(seed, args, kwargs):
         structure = inspect_pair(model, guide, args, kwargs, plate=plate)
         weights = log_weights(model, guide, args, kwargs, structure, num_particles=num_samples, keep_traces=True,
-                              chunk_size=chunk_size or max(1, _PAIRS_PER_PASS // structure.size))
+                              chunk_size=chunk_size or max(1, _PAIRS_PER_PASS // structure.size),
+                              networks=pair.called_modules())
         traces = posterior_traces(model, args, kwargs, structure, weights.passes)
         replicated = predictive_traces(model, args, kwargs, structure, traces)
     raw = weights.log_weights

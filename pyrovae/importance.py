@@ -336,7 +336,8 @@ def log_marginal(
     :param str plate: name of the data plate.
     :param bounds: group sizes k for the IWAE-k bound ladder; default
         ``(1, 5, 50)`` restricted to k <= K. k = 1 is the ELBO.
-    :param bool khat: compute PSIS k-hat through ArviZ (default). With False the
+    :param bool khat: compute PSIS k-hat (default; :func:`pyrovae.diagnostics.psis_khat`,
+        on the weights' device). With False the
         ``khat`` field holds NaN, by request, and ``summary()`` is unavailable.
     :param bool return_log_weights: keep the ``(K, N)`` log weights in the result.
     :param int batch_size: datapoints per batch when the data are a ``Dataset``
@@ -436,7 +437,7 @@ def _estimate(pair: ModelGuidePair, args, kwargs, *, num_particles, chunk_size, 
     pair.check_data(args, kwargs, data_name(args, kwargs))
     structure = inspect_pair(pair.model, pair.guide, args, kwargs, plate=plate)
     weights = log_weights(pair.model, pair.guide, args, kwargs, structure, num_particles=num_particles,
-                          chunk_size=chunk_size)
+                          chunk_size=chunk_size, networks=pair.called_modules())
     lw = weights.log_weights
     _refuse_bad_weights(lw)
     K = num_particles

@@ -229,6 +229,10 @@ class ModelGuidePair:
                 return m
         return None
 
+    def called_modules(self) -> List[torch.nn.Module]:
+        """The networks the programs called in the last :meth:`find_modules` run (outermost only)."""
+        return self._called_roots()
+
     def _called_roots(self) -> List[torch.nn.Module]:
         inner = {id(c) for m in self._called for c in m.modules() if c is not m}
         return [m for m in self._called if id(m) not in inner]

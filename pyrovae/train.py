@@ -137,6 +137,22 @@ class FitConfig:
                       if k not in RESUMABLE_CHANGES and k in saved and saved[k] != _jsonable(v))
 
 
+#: optimisers with one fused kernel for the whole update on the CPU (``fused=True``)
+FUSED_ON_CPU = ("adam", "adamw")
+
+
+def _kernel_choice(config: "FitConfig", params: List[torch.Tensor], device: torch.device) -> dict:
+    """``{"fused": True}`` for Adam and AdamW on the CPU, unless ``optimizer_options`` chooses an
+    implementation: one kernel per parameter instead of about ten, the same update. A CPU Adam
+    step of the 784-400-50 VAE takes 0.6 ms fused against 3 ms in the default implementation
+    (``benchmarks/README.md``). CUDA keeps torch's default, which CUDA graphs capture."""
+    chosen = set(config.optimizer_options or {}) & {"fused", "foreach"}
+    floating = all(p.is_floating_point() for p in params)
+    if config.optimizer in FUSED_ON_CPU and device.type == "cpu" and not chosen and floating:
+        return {"fused": True}
+    return {}
+
+
 def _optimizer_options(optimizer: str, options) -> Optional[dict]:
     """Validated optimiser keywords in their JSON form (tuples as lists), so a saved run compares equal."""
     if options is None:
@@ -380,7 +396,7 @@ class Trainer:
         plist = list(params.values())
         self.group.broadcast_(plist)
         opt = OPTIMIZERS[config.optimizer](plist, lr=config.lr, weight_decay=config.weight_decay,
-                                           **(config.optimizer_options or {}))
+                                           **_kernel_choice(config, plist, dev), **(config.optimizer_options or {}))
         sched = LR_SCHEDULES[config.lr_schedule](opt, config.epochs) if config.lr_schedule else None
         return TrainState(params=params, buffers=buffers, optimizer=opt, scheduler=sched, generator=gen)
 
@@ -909,7 +925,9 @@ def fit(
     :param float weight_decay: optimiser weight decay.
     :param dict optimizer_options: further keyword arguments of the optimiser, e.g.
         ``{"eps": 1e-4}`` for Adam as in Burda et al. (2016), or ``{"betas": (0.9, 0.99)}``.
-        Validated when ``fit`` is called; a resumed run must keep them.
+        Validated when ``fit`` is called; a resumed run must keep them. On the CPU, Adam
+        and AdamW use torch's fused kernel (``fused=True``, about 5x faster per step)
+        unless these options set ``fused`` or ``foreach``.
     :param elbo: key of :data:`ELBOS` (``"trace"``: Trace_ELBO, ``"meanfield"``:
         TraceMeanField_ELBO, analytic KL where available; ``"iwae"``: the IWAE-K
         bound per datapoint with K = ``num_particles``; ``"iwae-dreg"``: the same

@@ -55,6 +55,7 @@ from pyro.poutine.util import site_is_subsample
 from . import _compat
 from .distributed import default_device
 from .pair import ModelGuidePair, batch_arguments
+from .reuse import ReusedCalls
 
 __all__ = [
     "PARTICLE_PLATE",
@@ -505,7 +506,8 @@ def _first_chunk(model, guide, args, kwargs, structure, num) -> Tuple[Optional[P
 
 
 def log_weights(model, guide, args: tuple, kwargs: dict, structure: PairStructure, *, num_particles: int,
-                chunk_size: Optional[int] = None, keep_traces: bool = False) -> LogWeights:
+                chunk_size: Optional[int] = None, keep_traces: bool = False,
+                networks: Sequence[torch.nn.Module] = ()) -> LogWeights:
     """Log weights of ``num_particles`` particles for every datapoint, ``chunk_size`` at a time.
 
     The first chunk is checked against an unvectorised replay; if the program cannot be
@@ -514,13 +516,15 @@ def log_weights(model, guide, args: tuple, kwargs: dict, structure: PairStructur
     validation never changes a value. With ``chunk_size=None`` the first chunk holds about
     :data:`PROBE_PAIRS` particle-datapoint pairs and measures the memory a particle takes;
     the next chunks are as large as :data:`CHUNK_MEMORY` allows (:func:`auto_chunk_size`).
-    No chunk after the first reads a value back to the host.
+    No chunk after the first reads a value back to the host. A call of one of ``networks``
+    whose inputs do not change from chunk to chunk (the guide's encoder of x) is computed
+    once, where that is exact (:class:`pyrovae.reuse.ReusedCalls`).
 
     :returns: :class:`LogWeights`, ``log_weights`` of shape ``(num_particles, N)``.
     """
     chunk = min(chunk_size or max(1, PROBE_PAIRS // structure.size), num_particles)
     device = _data_device(args, kwargs)
-    with pyro.validation_enabled(False):
+    with pyro.validation_enabled(False), ReusedCalls(networks):
         with _PeakMemory(device) as peak:
             first, reason = _first_chunk(model, guide, args, kwargs, structure, chunk)
         if reason is None:

@@ -76,3 +76,10 @@ def test_trace_packing_and_site_flags():
     assert _compat.is_deterministic(trace.nodes["d"]) and not _compat.is_deterministic(trace.nodes["x"]), VERSIONS
     (frame,) = trace.nodes["y"]["cond_indep_stack"]
     assert (_compat.plate_full_size(frame), frame.size) == (10, 4), f"CondIndepStackFrame changed under {VERSIONS}"
+
+
+def test_tensor_version_counts_in_place_changes():
+    t = torch.zeros(3)
+    v = _compat.tensor_version(t)
+    t.view(3).add_(1)
+    assert _compat.tensor_version(t) > v, f"Tensor._version changed under {VERSIONS}"
