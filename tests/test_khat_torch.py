@@ -223,3 +223,26 @@ def test_cuda_equals_cpu():
     khat = psis_khat(lw.to("cuda"))
     assert khat.device.type == "cuda" and khat.dtype == torch.float64
     torch.testing.assert_close(khat.cpu(), psis_khat(lw), rtol=0, atol=ATOL, equal_nan=True)
+
+
+def test_log_marginal_does_not_import_arviz():
+    """k-hat no longer needs ArviZ, whose import takes seconds: a fresh process that estimates
+    log p(x) with k-hat never loads it."""
+    import subprocess
+    import sys
+
+    code = textwrap.dedent("""
+        import sys, torch, pyro, pyro.distributions as dist, pyrovae
+        def model(x):
+            with pyro.plate("data", len(x)):
+                z = pyro.sample("z", dist.Normal(0.0, 1.0))
+                pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+        def guide(x):
+            with pyro.plate("data", len(x)):
+                pyro.sample("z", dist.Normal(x / 2, 0.8))
+        est = pyrovae.log_marginal(model, guide, torch.zeros(3, device="cpu"), num_particles=200)
+        assert torch.isfinite(est.khat).all()
+        print("arviz" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
