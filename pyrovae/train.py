@@ -141,14 +141,13 @@ class FitConfig:
 FUSED_ON_CPU = ("adam", "adamw")
 
 
-def _kernel_choice(config: "FitConfig", params: List[torch.Tensor], device: torch.device) -> dict:
+def _kernel_choice(config: "FitConfig", device: torch.device) -> dict:
     """``{"fused": True}`` for Adam and AdamW on the CPU, unless ``optimizer_options`` chooses an
     implementation: one kernel per parameter instead of about ten, the same update. A CPU Adam
     step of the 784-400-50 VAE takes 0.6 ms fused against 3 ms in the default implementation
     (``benchmarks/README.md``). CUDA keeps torch's default, which CUDA graphs capture."""
     chosen = set(config.optimizer_options or {}) & {"fused", "foreach"}
-    floating = all(p.is_floating_point() for p in params)
-    if config.optimizer in FUSED_ON_CPU and device.type == "cpu" and not chosen and floating:
+    if config.optimizer in FUSED_ON_CPU and device.type == "cpu" and not chosen:
         return {"fused": True}
     return {}
 
@@ -396,7 +395,7 @@ class Trainer:
         plist = list(params.values())
         self.group.broadcast_(plist)
         opt = OPTIMIZERS[config.optimizer](plist, lr=config.lr, weight_decay=config.weight_decay,
-                                           **_kernel_choice(config, plist, dev), **(config.optimizer_options or {}))
+                                           **_kernel_choice(config, dev), **(config.optimizer_options or {}))
         sched = LR_SCHEDULES[config.lr_schedule](opt, config.epochs) if config.lr_schedule else None
         return TrainState(params=params, buffers=buffers, optimizer=opt, scheduler=sched, generator=gen)
 
@@ -442,14 +441,16 @@ class Trainer:
     def _plan_static(self) -> None:
         config, state = self.config, self.state
         steps_to_run = (config.epochs - state.epoch) * self.steps_per_epoch - state.step
+        kind = self.group.device.type
+        min_steps = STATIC_GRAPH_MIN_STEPS.get(kind, 300)
         if config.static_graph == "auto":
             if type(self.elbo) is not Trace_ELBO:
                 self.static_off = f"auto: the ELBO is {type(self.elbo).__name__}, not Trace_ELBO"
             elif config.validate != "first":
                 self.static_off = "auto: validate='always'"
-            elif steps_to_run < STATIC_GRAPH_MIN_STEPS.get(self.group.device.type, 300):
-                self.static_off = (f"auto: {steps_to_run} steps to run, fewer than STATIC_GRAPH_MIN_STEPS"
-                                   f"[{self.group.device.type!r}]={STATIC_GRAPH_MIN_STEPS.get(self.group.device.type)}")
+            elif steps_to_run < min_steps:
+                self.static_off = (f"auto: {steps_to_run} steps to run, fewer than "
+                                   f"STATIC_GRAPH_MIN_STEPS[{kind!r}]={min_steps}")
         elif not config.static_graph:
             self.static_off = "static_graph=False"
         if self.extras and self.static_off is None:
@@ -999,7 +1000,8 @@ def fit(
         data = (data, *more_data)
     elbo_key, elbo_obj = _make_elbo(elbo, num_particles)
     config = FitConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay, optimizer_options=optimizer_options,
+        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+        optimizer_options=optimizer_options,
         elbo=elbo_key, num_particles=num_particles, clip_norm=clip_norm, lr_schedule=lr_schedule,
         kl_warmup_epochs=kl_warmup_epochs, patience=patience, seed=seed, device=device,
         checkpoint_every=checkpoint_every, shuffle=shuffle, progress=progress, validate=validate,
