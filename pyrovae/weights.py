@@ -128,6 +128,8 @@ class ParticlePass:
     :ivar tuple guide_traces: one vectorised trace, or one trace per particle (sequential).
     :ivar tuple model_traces: the model's traces, replayed on ``guide_traces``.
     :ivar bool vectorized: whether the traces carry a particle dimension.
+    :ivar tuple unexpanded: ``(model, guide)`` dicts of site name to the site's distribution
+        before the particle plate expanded it (:class:`_ParticlePlate`), for a vectorised pass.
     """
 
     log_weights: torch.Tensor
@@ -135,6 +137,7 @@ class ParticlePass:
     guide_traces: tuple = field(default=(), repr=False)
     model_traces: tuple = field(default=(), repr=False)
     vectorized: bool = True
+    unexpanded: tuple = field(default=({}, {}), repr=False)
 
 
 @dataclass(frozen=True)
@@ -351,10 +354,12 @@ def _refuse_unmatched(model_latents, guide_latents) -> List[str]:
 
 
 # --------------------------------------------------------------------------- scoring
-def _log_density(site) -> torch.Tensor:
+def _log_density(site, fn=None) -> torch.Tensor:
+    """The site's log-density at its value, from ``fn`` if given (the same distribution without
+    the particle dim, see :class:`_Broadcasting`), else from the site's own distribution."""
     # Unscaled: β, warm-up and subsampling scales are training weights, not part of p or q.
     # Masked: poutine.mask removes the term from the density (a missing observation).
-    return scale_and_mask(site["fn"].log_prob(site["value"]), mask=site["mask"])
+    return scale_and_mask((site["fn"] if fn is None else fn).log_prob(site["value"]), mask=site["mask"])
 
 
 def _per_datapoint(lp, structure: PairStructure, num: int, particles: bool, name: str) -> torch.Tensor:
@@ -400,28 +405,46 @@ def _enumerated_log_joint(trace, structure: PairStructure, num: int, particles: 
     return total.reshape(num, structure.size)
 
 
-def _score(model_trace, guide_trace, structure: PairStructure, num: int, particles: bool):
-    """Log weights ``(num, N)`` in float64, and the round-off scale ``(N,)`` of their terms."""
-    terms = []  # (sign, log-density per datapoint, its magnitude, dtype it was computed in)
+def _score(model_trace, guide_trace, structure: PairStructure, num: int, particles: bool, densities=({}, {})):
+    """Log weights ``(num, N)`` in float64, and the round-off scale ``(N,)`` of their terms.
+
+    ``densities``: ``(model, guide)`` dicts of site name to the distribution to score that
+    site with instead of its own (:class:`_Broadcasting`).
+
+    This runs once per chunk of particles, so it takes few tensor operations: the terms are
+    stacked, and the magnitudes of those that are already per datapoint are taken at once.
+    """
     model_sites = (*_sample_sites(model_trace, True), *_sample_sites(model_trace, False))
+    terms, summed, dtypes = [], [], set()  # summed: magnitudes of terms summed over other dims
     if structure.enumerated:
         total = _enumerated_log_joint(model_trace, structure, num, particles)
-        terms.append((1.0, total, _finite_abs(total), total.dtype))
+        terms.append(total.double())
+        dtypes.add(total.dtype)
         model_sites = ()
-    for sign, sites in ((1.0, model_sites), (-1.0, tuple(_sample_sites(guide_trace, False)))):
-        for name, site in sites:
-            lp = torch.as_tensor(_log_density(site))
-            # Zero weights (-inf) carry no round-off; they must not make a datapoint look constant.
-            terms.append((sign, _per_datapoint(lp, structure, num, particles, name),
-                          _per_datapoint(_finite_abs(lp), structure, num, particles, name), lp.dtype))
-    lw = sum(sign * t.double() for sign, t, _, _ in terms)
-    magnitude = sum(m.double() for _, _, m, _ in terms)
-    eps = max([torch.finfo(torch.float64).eps] + [torch.finfo(d).eps for *_, d in terms if d.is_floating_point])
-    return lw, ROUNDOFF_ULPS * eps * (1.0 + magnitude.max(0).values)
+    num_model = len(terms) + len(model_sites)
+    sites = [(n, s, densities[0].get(n)) for n, s in model_sites]
+    sites += [(n, s, densities[1].get(n)) for n, s in _sample_sites(guide_trace, False)]
+    for name, site, fn in sites:
+        lp = torch.as_tensor(_log_density(site, fn))
+        dtypes.add(lp.dtype)
+        if particles and lp.shape == (num, structure.size):
+            terms.append(lp.double())
+        else:  # the magnitude of each summand counts, not that of their sum
+            terms.append(_per_datapoint(lp, structure, num, particles, name).double())
+            summed.append((len(terms) - 1, _per_datapoint(_finite_abs(lp), structure, num, particles, name)))
+    stacked = torch.stack(terms)
+    lw = stacked[:num_model].sum(0) - stacked[num_model:].sum(0)
+    # Zero weights (-inf) carry no round-off; they must not make a datapoint look constant.
+    magnitudes = _finite_abs(stacked)
+    for i, m in summed:
+        magnitudes[i] = m
+    eps = max([torch.finfo(torch.float64).eps] + [torch.finfo(d).eps for d in dtypes if d.is_floating_point])
+    return lw, ROUNDOFF_ULPS * eps * (1.0 + magnitudes.sum(0).max(0).values)
 
 
 def _finite_abs(lp: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isfinite(lp), lp.abs(), torch.zeros_like(lp))
+    """``|lp|`` where finite, else 0."""
+    return lp.abs().nan_to_num(nan=0.0, posinf=0.0)
 
 
 def _trace_model(model, guide_trace, args, kwargs, structure: PairStructure, particles: bool):
@@ -433,13 +456,77 @@ def _trace_model(model, guide_trace, args, kwargs, structure: PairStructure, par
 
 
 # --------------------------------------------------------------------------- passes
-def particle_pass(model, guide, args, kwargs, structure: PairStructure, num: int) -> ParticlePass:
-    """``num`` particles in one vectorised run: the particle plate sits left of every plate of the programs."""
-    with pyro.plate(PARTICLE_PLATE, num, dim=-(structure.nesting + 1)):
+class _ParticlePlate(pyro.plate):
+    """The particle plate, which also keeps each sample site's distribution as the programs'
+    own plates left it, before it was expanded over the particles (:attr:`unexpanded`, by
+    site name). Its parameters do not repeat over the particles, so its log-density at the
+    particles' values, computed by broadcasting, takes less work than the expanded one's."""
+
+    def __init__(self, size: int, dim: int):
+        super().__init__(PARTICLE_PLATE, size, dim=dim)
+        self.unexpanded: Dict[str, object] = {}
+
+    def _process_message(self, msg):
+        if msg["type"] == "param":
+            # A parameter is the same for every particle: the plate neither indexes nor
+            # broadcasts it (it has no subsample), so it is left alone, which saves time.
+            return
+        fn = msg["fn"]
+        super()._process_message(msg)
+        if msg["type"] == "sample" and msg["fn"] is not fn and msg["fn"].batch_shape != fn.batch_shape:
+            self.unexpanded[msg["name"]] = fn
+
+    def _postprocess_message(self, msg):
+        if msg["type"] != "param":
+            super()._postprocess_message(msg)
+
+
+class _Broadcasting:
+    """The sites whose log-density is computed from the unexpanded distribution: those for
+    which it was bitwise equal to the expanded distribution's on the first chunk, identified
+    by program, site name, the distribution's type and its shapes."""
+
+    def __init__(self):
+        self.approved = set()
+
+    @staticmethod
+    def _signature(program: str, name: str, fn, site) -> tuple:
+        return program, name, type(fn), fn.batch_shape, fn.event_shape, site["fn"].batch_shape
+
+    def approve(self, first: ParticlePass) -> None:
+        for program, trace, stash in (("model", first.model_traces[0], first.unexpanded[0]),
+                                      ("guide", first.guide_traces[0], first.unexpanded[1])):
+            for name, fn in stash.items():
+                site = trace.nodes[name]
+                try:  # the user's distribution, given values with an extra leading dim
+                    small = _log_density(site, fn)
+                except Exception:  # not computable this way: the site keeps its expanded distribution
+                    continue
+                big = _log_density(site)
+                if small.shape == big.shape and small.dtype == big.dtype and torch.equal(small, big):
+                    self.approved.add(self._signature(program, name, fn, site))
+
+    def densities(self, program: str, trace, stash: dict) -> dict:
+        return {n: fn for n, fn in stash.items() if self._signature(program, n, fn, trace.nodes[n]) in self.approved}
+
+
+def particle_pass(model, guide, args, kwargs, structure: PairStructure, num: int,
+                  broadcasting: Optional[_Broadcasting] = None) -> ParticlePass:
+    """``num`` particles in one vectorised run: the particle plate sits left of every plate of the
+    programs. The sites that ``broadcasting`` approved are scored with their unexpanded distribution."""
+    plate = _ParticlePlate(num, dim=-(structure.nesting + 1))
+    with plate:
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        guide_fns, plate.unexpanded = plate.unexpanded, {}
         model_trace = _trace_model(model, guide_trace, args, kwargs, structure, particles=True)
-    lw, roundoff = _score(model_trace, guide_trace, structure, num, particles=True)
-    return ParticlePass(lw, roundoff, (guide_trace,), (model_trace,), vectorized=True)
+    model_fns = plate.unexpanded
+    densities = ({}, {})
+    if broadcasting is not None:
+        densities = (broadcasting.densities("model", model_trace, model_fns),
+                     broadcasting.densities("guide", guide_trace, guide_fns))
+    lw, roundoff = _score(model_trace, guide_trace, structure, num, particles=True, densities=densities)
+    return ParticlePass(lw, roundoff, (guide_trace,), (model_trace,), vectorized=True,
+                        unexpanded=(model_fns, guide_fns))
 
 
 def sequential_pass(model, guide, args, kwargs, structure: PairStructure, num: int,
@@ -531,11 +618,14 @@ def log_weights(model, guide, args: tuple, kwargs: dict, structure: PairStructur
             passes, done = [first], chunk
             if chunk_size is None:
                 chunk = auto_chunk_size(peak.bytes or _trace_bytes(first), chunk, device, num_particles - done)
+            broadcasting = _Broadcasting()
+            broadcasting.approve(first)
+            keep = (lambda p: p) if keep_traces else _without_traces
+            passes[0] = keep(first)
+            del first
             while done < num_particles:
                 step = min(chunk, num_particles - done)
-                passes.append(particle_pass(model, guide, args, kwargs, structure, step))
-                if not keep_traces:  # the traces hold every network output of the chunk
-                    passes[-1] = ParticlePass(passes[-1].log_weights, passes[-1].roundoff)
+                passes.append(keep(particle_pass(model, guide, args, kwargs, structure, step, broadcasting)))
                 done += step
         else:
             passes = [sequential_pass(model, guide, args, kwargs, structure, num_particles, keep_traces)]
@@ -546,6 +636,11 @@ def log_weights(model, guide, args: tuple, kwargs: dict, structure: PairStructur
         fallback_reason=reason,
         passes=tuple(passes) if keep_traces else (),
     )
+
+
+def _without_traces(p: ParticlePass) -> ParticlePass:
+    """The pass without its traces, which hold every network output of its chunk."""
+    return ParticlePass(p.log_weights, p.roundoff)
 
 
 class _PeakMemory:

@@ -14,8 +14,8 @@ import pyro.distributions as dist
 from pyro import poutine
 
 from pyrovae import log_marginal
-from pyrovae.weights import (PairStructure, datapoint_major, inspect_pair, log_weights, particle_pass,
-                             sequential_pass)
+from pyrovae.weights import (ROUNDOFF_ULPS, PairStructure, _Broadcasting, _finite_abs, datapoint_major, inspect_pair,
+                             log_weights, particle_pass, sequential_pass)
 
 from .common import DEVICE, PPCA
 from .test_importance import _GaussianMixture
@@ -183,12 +183,12 @@ def test_chunks_are_sized_by_the_memory_a_particle_takes(monkeypatch):
     sizes = []
     real = weights.particle_pass
 
-    def recording(model, guide, args, kwargs, structure, num):
+    def recording(model, guide, args, kwargs, structure, num, *rest):
         sizes.append(num)
         if len(sizes) == 1:
-            return real(model, guide, args, kwargs, structure, num)
+            return real(model, guide, args, kwargs, structure, num, *rest)
         with _NoValueReads():  # a host read here would be a device synchronisation per chunk on a GPU
-            return real(model, guide, args, kwargs, structure, num)
+            return real(model, guide, args, kwargs, structure, num, *rest)
 
     monkeypatch.setattr(weights, "particle_pass", recording)
     monkeypatch.setattr(weights, "PROBE_PAIRS", 40)
@@ -216,3 +216,134 @@ def test_cuda_chunks_take_at_most_half_the_free_memory(monkeypatch):
     assert weights.auto_chunk_size(100 * 2**20, 10, cuda, 5000) == 409  # the 4 GiB cap
     assert weights.auto_chunk_size(100 * 2**20, 10, cuda, 50) == 50  # never more than what remains
     assert weights.auto_chunk_size(100 * gib, 1, cuda, 50) == 1  # one particle at a time, at least
+
+
+# --------------------------------------------------------------------------- scoring shortcuts
+def _amortised_pair(event=3):
+    """A guide whose parameters come from x only, so the particle plate expands them."""
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(torch.zeros_like(x), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z, 0.5).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(0.8 * x, 0.45 + 0.1 * x.abs()).to_event(1))
+
+    x = torch.linspace(-2.0, 2.0, 4 * event, device=DEVICE).reshape(4, event)
+    return model, guide, x
+
+
+def test_guide_densities_from_the_unexpanded_distribution_are_bitwise_those_of_the_expanded_one():
+    model, guide, x = _amortised_pair()
+    structure = inspect_pair(model, guide, (x,), {}, plate="data")
+    first = particle_pass(model, guide, (x,), {}, structure, 7)
+    model_fns, guide_fns = first.unexpanded
+    assert guide_fns["z"].batch_shape == (4,)  # the guide's distribution before the particle dim
+    assert first.guide_traces[0].nodes["z"]["fn"].batch_shape == (7, 4)
+    assert "z" not in model_fns  # replayed sites are not broadcast by the plate
+    broadcasting = _Broadcasting()
+    broadcasting.approve(first)
+    assert [a[:2] for a in broadcasting.approved] == [("guide", "z")]
+    with pyro.validation_enabled(False):  # as log_weights runs its chunks
+        pyro.set_rng_seed(3)
+        plain = particle_pass(model, guide, (x,), {}, structure, 7)
+        pyro.set_rng_seed(3)
+        shortcut = particle_pass(model, guide, (x,), {}, structure, 7, broadcasting)
+    assert torch.equal(plain.log_weights, shortcut.log_weights)
+    assert torch.equal(plain.roundoff, shortcut.roundoff)
+
+
+class _NoBroadcastNormal(dist.Normal):
+    """A user's distribution whose log_prob accepts only values of its own batch shape."""
+
+    def log_prob(self, value):
+        if value.shape != self.batch_shape:
+            raise ValueError("value must have this distribution's batch shape")
+        return super().log_prob(value)
+
+    def expand(self, batch_shape, _instance=None):
+        return super().expand(batch_shape, _instance or _NoBroadcastNormal.__new__(_NoBroadcastNormal))
+
+
+def test_a_density_that_cannot_broadcast_keeps_its_expanded_distribution():
+    model, _, x = _amortised_pair()
+
+    def guide(x):
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", _NoBroadcastNormal(0.8 * x, 0.5).to_event(1))
+
+    structure = inspect_pair(model, guide, (x,), {}, plate="data")
+    first = particle_pass(model, guide, (x,), {}, structure, 5)
+    broadcasting = _Broadcasting()
+    broadcasting.approve(first)
+    assert broadcasting.approved == set()
+    out = log_weights(model, guide, (x,), {}, structure, num_particles=12, chunk_size=5)
+    assert not out.sequential and out.log_weights.shape == (12, 4) and torch.isfinite(out.log_weights).all()
+
+
+def test_roundoff_counts_every_summand_of_a_site_inside_an_inner_plate():
+    """Terms of opposite sign inside an inner plate cancel in the sum but not in the round-off."""
+
+    def model(x):
+        with pyro.plate("data", x.shape[0], dim=-2):
+            z = pyro.sample("z", dist.Normal(torch.zeros_like(x[:, :1]), 1.0))
+            with pyro.plate("pixels", x.shape[1], dim=-1):
+                pyro.sample("x", dist.Normal(z, 0.01), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0], dim=-2):
+            pyro.sample("z", dist.Normal(x[:, :1], 1e-4))
+
+    # pixels at z have log-density +3.7, the others about -5000: the magnitude is not |sum|
+    x = torch.tensor([[0.0, 0.0, 1.0], [2.0, 2.0, 1.5]], device=DEVICE)
+    structure = inspect_pair(model, guide, (x,), {}, plate="data")
+    p = particle_pass(model, guide, (x,), {}, structure, 6)
+    magnitude = cancelled = 0
+    for trace in (p.model_traces[0], p.guide_traces[0]):
+        for name in ("z", "x"):
+            if name in trace.nodes and trace.nodes[name]["type"] == "sample":
+                site = trace.nodes[name]
+                lp = site["fn"].log_prob(site["value"]).double().reshape(6, 2, -1)
+                magnitude = magnitude + lp.abs().sum(-1)
+                cancelled = cancelled + lp.sum(-1).abs()
+    assert (magnitude - cancelled).min() > 7  # the two readings differ far beyond float32 round-off
+    eps = torch.finfo(torch.float32).eps
+    # the library sums the summands in float32: agreement to float32 round-off
+    torch.testing.assert_close(p.roundoff, ROUNDOFF_ULPS * eps * (1 + magnitude.max(0).values), rtol=1e-6, atol=0)
+
+
+def test_finite_abs_zeroes_what_is_not_finite():
+    lp = torch.tensor([-2.0, 3.0, -math.inf, math.inf, math.nan])
+    assert _finite_abs(lp).tolist() == [2.0, 3.0, 0.0, 0.0, 0.0]
+
+
+def test_parameters_inside_the_data_plate_are_not_touched_by_the_particle_plate():
+    """pyro.param with event_dim inside the data plate: indexed by the data plate, not the particles."""
+    pyro.clear_param_store()
+    x = torch.tensor([[0.5, -1.0], [2.0, 0.0], [-0.3, 0.7]], device=DEVICE)
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(torch.zeros_like(x), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z, 0.5).to_event(1), obs=x)
+
+    def guide(x):
+        loc = pyro.param("loc", lambda: 0.8 * x, event_dim=1)  # registered outside, as is common
+        with pyro.plate("data", len(x)):
+            shift = pyro.param("shift", lambda: torch.full_like(x, 0.1), event_dim=1)
+            pyro.sample("z", dist.Normal(loc + shift, 0.45).to_event(1))
+
+    structure = inspect_pair(model, guide, (x,), {}, plate="data")
+    out = log_weights(model, guide, (x,), {}, structure, num_particles=9, chunk_size=4, keep_traces=True)
+    assert not out.sequential
+    shift = out.passes[1].guide_traces[0].nodes["shift"]
+    assert shift["value"].shape == (3, 2)
+    assert [f.name for f in shift["cond_indep_stack"]] == ["data"]
+    # exact: the guide is N(0.8 x + 0.1, 0.45^2), so each weight is a closed-form density ratio
+    z = out.passes[1].guide_traces[0].nodes["z"]["value"]
+    expected = (dist.Normal(0.0, 1.0).log_prob(z) + dist.Normal(z, 0.5).log_prob(x)
+                - dist.Normal(0.8 * x + 0.1, 0.45).log_prob(z)).sum(-1).double()
+    torch.testing.assert_close(out.log_weights[4:8], expected, rtol=1e-6, atol=1e-5)
+    pyro.clear_param_store()
