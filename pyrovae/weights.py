@@ -129,7 +129,8 @@ class ParticlePass:
     :ivar tuple model_traces: the model's traces, replayed on ``guide_traces``.
     :ivar bool vectorized: whether the traces carry a particle dimension.
     :ivar tuple unexpanded: ``(model, guide)`` dicts of site name to the site's distribution
-        before the particle plate expanded it (:class:`_ParticlePlate`), for a vectorised pass.
+        before the particle plate expanded it (:class:`_ParticlePlate`); empty unless the pass
+        is a vectorised one that kept its traces.
     """
 
     log_weights: torch.Tensor
@@ -137,7 +138,7 @@ class ParticlePass:
     guide_traces: tuple = field(default=(), repr=False)
     model_traces: tuple = field(default=(), repr=False)
     vectorized: bool = True
-    unexpanded: tuple = field(default=({}, {}), repr=False)
+    unexpanded: tuple = field(default=(), repr=False)
 
 
 @dataclass(frozen=True)
@@ -405,11 +406,11 @@ def _enumerated_log_joint(trace, structure: PairStructure, num: int, particles: 
     return total.reshape(num, structure.size)
 
 
-def _score(model_trace, guide_trace, structure: PairStructure, num: int, particles: bool, densities=({}, {})):
+def _score(model_trace, guide_trace, structure: PairStructure, num: int, particles: bool, densities=None):
     """Log weights ``(num, N)`` in float64, and the round-off scale ``(N,)`` of their terms.
 
-    ``densities``: ``(model, guide)`` dicts of site name to the distribution to score that
-    site with instead of its own (:class:`_Broadcasting`).
+    ``densities``: None, or ``(model, guide)`` dicts of site name to the distribution to score
+    that site with instead of its own (:class:`_Broadcasting`).
 
     This runs once per chunk of particles, so it takes few tensor operations: the terms are
     stacked, and the magnitudes of those that are already per datapoint are taken at once.
@@ -422,6 +423,7 @@ def _score(model_trace, guide_trace, structure: PairStructure, num: int, particl
         dtypes.add(total.dtype)
         model_sites = ()
     num_model = len(terms) + len(model_sites)
+    densities = densities or ({}, {})
     sites = [(n, s, densities[0].get(n)) for n, s in model_sites]
     sites += [(n, s, densities[1].get(n)) for n, s in _sample_sites(guide_trace, False)]
     for name, site, fn in sites:
@@ -494,6 +496,8 @@ class _Broadcasting:
         return program, name, type(fn), fn.batch_shape, fn.event_shape, site["fn"].batch_shape
 
     def approve(self, first: ParticlePass) -> None:
+        if not first.unexpanded:
+            return
         for program, trace, stash in (("model", first.model_traces[0], first.unexpanded[0]),
                                       ("guide", first.guide_traces[0], first.unexpanded[1])):
             for name, fn in stash.items():
@@ -520,7 +524,7 @@ def particle_pass(model, guide, args, kwargs, structure: PairStructure, num: int
         guide_fns, plate.unexpanded = plate.unexpanded, {}
         model_trace = _trace_model(model, guide_trace, args, kwargs, structure, particles=True)
     model_fns = plate.unexpanded
-    densities = ({}, {})
+    densities = None
     if broadcasting is not None:
         densities = (broadcasting.densities("model", model_trace, model_fns),
                      broadcasting.densities("guide", guide_trace, guide_fns))
