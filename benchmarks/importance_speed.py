@@ -9,7 +9,7 @@ Data: the first N MNIST test images (random binary images if the files are absen
 Runs alternate (ours, hand-written) so machine drift cancels; the median of each is reported,
 their ratio, and the median of the ratios of the runs made back to back.
 Pyro's Importance runs image by image, on a subset, and is scaled to N images.
-Peak memory of K = 5000 is measured in a fresh subprocess (ru_maxrss on the CPU,
+Peak memory of K = 5000 is measured in a fresh subprocess (VmHWM on Linux CPUs,
 the allocator's peak on CUDA).
 
     python benchmarks/importance_speed.py --data-dir ../shared/data --images 300 --particles 1000
@@ -88,8 +88,18 @@ def peak_memory_child(args):
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = _peak_rss_mib()
     print(f"{peak:.0f} {len(x)}")
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory. On Linux from VmHWM, which starts afresh at exec;
+    ru_maxrss does not, and reports the parent's size when the parent was larger."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def timed_pair(label, ours, hand, repeats, device):
