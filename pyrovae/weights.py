@@ -128,7 +128,7 @@ class ParticlePass:
     :ivar tuple guide_traces: one vectorised trace, or one trace per particle (sequential).
     :ivar tuple model_traces: the model's traces, replayed on ``guide_traces``.
     :ivar bool vectorized: whether the traces carry a particle dimension.
-    :ivar tuple unexpanded: ``(model, guide)`` dicts of site name to the site's distribution
+    :ivar dict unexpanded: for ``"model"`` and ``"guide"``, a dict of site name to the site's distribution
         before the particle plate expanded it (:class:`_ParticlePlate`); empty unless the pass
         is a vectorised one that kept its traces.
     """
@@ -138,7 +138,7 @@ class ParticlePass:
     guide_traces: tuple = field(default=(), repr=False)
     model_traces: tuple = field(default=(), repr=False)
     vectorized: bool = True
-    unexpanded: tuple = field(default=(), repr=False)
+    unexpanded: dict = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -409,7 +409,7 @@ def _enumerated_log_joint(trace, structure: PairStructure, num: int, particles: 
 def _score(model_trace, guide_trace, structure: PairStructure, num: int, particles: bool, scored=None):
     """Log weights ``(num, N)`` in float64, and the round-off scale ``(N,)`` of their terms.
 
-    ``scored``: None, or ``(model, guide)`` dicts of site name to its log-density, computed
+    ``scored``: None, or for ``"model"`` and ``"guide"`` a dict of site name to its log-density, computed
     while the programs ran (:class:`_ParticlePlate`); the other sites are scored here.
 
     This runs once per chunk of particles, so it takes few tensor operations: the terms are
@@ -423,9 +423,9 @@ def _score(model_trace, guide_trace, structure: PairStructure, num: int, particl
         dtypes.add(total.dtype)
         model_sites = ()
     num_model = len(terms) + len(model_sites)
-    scored = scored or ({}, {})
-    sites = [(n, s, scored[0].get(n)) for n, s in model_sites]
-    sites += [(n, s, scored[1].get(n)) for n, s in _sample_sites(guide_trace, False)]
+    scored = scored or {"model": {}, "guide": {}}
+    sites = [(n, s, scored["model"].get(n)) for n, s in model_sites]
+    sites += [(n, s, scored["guide"].get(n)) for n, s in _sample_sites(guide_trace, False)]
     for name, site, lp in sites:
         lp = torch.as_tensor(_log_density(site) if lp is None else lp)
         dtypes.add(lp.dtype)
@@ -519,9 +519,8 @@ class _Broadcasting:
     def approve(self, first: ParticlePass) -> None:
         if not first.unexpanded:
             return
-        for program, trace, stash in (("model", first.model_traces[0], first.unexpanded[0]),
-                                      ("guide", first.guide_traces[0], first.unexpanded[1])):
-            for name, fn in stash.items():
+        for program, trace in (("model", first.model_traces[0]), ("guide", first.guide_traces[0])):
+            for name, fn in first.unexpanded[program].items():
                 site = trace.nodes[name]
                 try:  # the user's distribution, given values with an extra leading dim
                     small = _log_density(site, fn)
@@ -546,10 +545,10 @@ def particle_pass(model, guide, args, kwargs, structure: PairStructure, num: int
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         plate.program = "model"
         model_trace = _trace_model(model, guide_trace, args, kwargs, structure, particles=True)
-    scored = None if broadcasting is None else (plate.scored["model"], plate.scored["guide"])
+    scored = None if broadcasting is None else plate.scored
     lw, roundoff = _score(model_trace, guide_trace, structure, num, particles=True, scored=scored)
     return ParticlePass(lw, roundoff, (guide_trace,), (model_trace,), vectorized=True,
-                        unexpanded=(plate.unexpanded["model"], plate.unexpanded["guide"]))
+                        unexpanded=plate.unexpanded)
 
 
 def sequential_pass(model, guide, args, kwargs, structure: PairStructure, num: int,

@@ -239,7 +239,7 @@ def test_guide_densities_from_the_unexpanded_distribution_are_bitwise_those_of_t
     model, guide, x = _amortised_pair()
     structure = inspect_pair(model, guide, (x,), {}, plate="data")
     first = particle_pass(model, guide, (x,), {}, structure, 7)
-    model_fns, guide_fns = first.unexpanded
+    model_fns, guide_fns = first.unexpanded["model"], first.unexpanded["guide"]
     assert guide_fns["z"].batch_shape == (4,)  # the guide's distribution before the particle dim
     assert first.guide_traces[0].nodes["z"]["fn"].batch_shape == (7, 4)
     assert "z" not in model_fns  # replayed sites are not broadcast by the plate
