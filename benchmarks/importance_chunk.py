@@ -6,7 +6,7 @@ work instead, one chunk of particles, and alternates three ways of computing its
 weights many times in one process:
 
 * ``hand``: the tutorial pair's networks and densities in plain PyTorch, the encoder computed
-  once (``tutorial_vae.hand_log_marginal``'s chunk);
+  once (``tutorial_vae.hand_chunk``, as ``hand_log_marginal`` runs it);
 * ``pyrovae``: the particle pass that ``log_marginal`` runs for every chunk after the first
   (its plate, the guide's density by broadcasting, early scoring, the round-off scale, the
   encoder reused), at the chunk size ``log_marginal`` picks by default;
@@ -42,7 +42,7 @@ import tutorial_vae  # noqa: E402
 
 def default_chunk(tut, x, structure) -> int:
     """The particles per chunk that ``log_marginal`` uses after its first chunk, on the CPU."""
-    probe = max(1, weights.PROBE_PAIRS // structure.size)
+    probe = weights.first_chunk_size(structure, 10**9)
     first = weights.particle_pass(tut.model, tut.guide, (x,), {}, structure, probe)
     return weights.auto_chunk_size(weights._trace_bytes(first), probe, x.device, 10**9)
 
@@ -75,13 +75,8 @@ def main(args):
         broadcasting.approve(first)
         del first
         loc, scale = tut.encoder(x)
-
-        def hand():
-            z = loc + scale * torch.randn(num, *loc.shape)
-            return tutorial_vae._log_joint_minus_q(tut, x, z, loc, scale)
-
         contenders = {
-            "hand": hand,
+            "hand": lambda: tutorial_vae.hand_chunk(tut, x, loc, scale, num),
             "pyrovae": lambda: weights.particle_pass(tut.model, tut.guide, (x,), {}, structure, num,
                                                      broadcasting).log_weights,
             "plain Pyro": lambda: plain_pyro_pass(tut.model, tut.guide, x, num),

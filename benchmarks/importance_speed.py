@@ -210,23 +210,22 @@ def main(args):
     print(f"{'':34s}{'ours s':>9s}{'hand s':>9s}{'ratio':>8s}{'paired':>9s}{'faults o/h':>14s}   (medians of "
           f"{args.repeats}; ratio: of the medians; paired: median of the ratios of runs made back to back; faults: "
           "minor page faults per call; ours at default settings, k-hat and bound ladder included)")
-    mo = None
+    ours_median = {}
     for pair in ("library", "tutorial"):
         if pair in args.pairs:
             label, ours, hand = calls[pair]
             if args.isolate:
-                line, m = timed_isolated(label, pair, args)
+                line, ours_median[pair] = timed_isolated(label, pair, args)
             else:
-                line, m = timed_pair(label, ours, hand, args.repeats, device)
-            mo = m if pair == "library" else mo
+                line, ours_median[pair] = timed_pair(label, ours, hand, args.repeats, device)
             print(line, flush=True)
-    n_imp = min(args.importance_images, len(x)) if mo is not None else 0
+    n_imp = min(args.importance_images, len(x)) if "library" in ours_median else 0
     if n_imp:
         t = time.perf_counter()
         pyro_importance(vae, x[:n_imp], K)
         ti = (time.perf_counter() - t) * len(x) / n_imp
         print(f"pyro Importance, per image: {ti:8.2f} s  (timed on {n_imp} images, scaled to {len(x)})")
-        print(f"speed-up over Importance  : {ti / mo:8.1f}x  (target >= 30)")
+        print(f"speed-up over Importance  : {ti / ours_median['library']:8.1f}x  (target >= 30)")
     if args.mem_images:
         out = subprocess.run([sys.executable, __file__, "--memory-child", "--data-dir", str(args.data_dir),
                               "--images", str(args.images), "--mem-images", str(args.mem_images),

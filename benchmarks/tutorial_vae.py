@@ -95,18 +95,20 @@ def elbo_terms(vae, x):
     return _log_joint_minus_q(vae, x, z, loc, scale)
 
 
+def hand_chunk(vae, x, loc, scale, num):
+    """Log weights ``(num, N)`` of ``num`` particles drawn from q(z | x) = Normal(loc, scale), with the
+    encoder's ``loc`` and ``scale`` computed once; ``x`` of shape ``(N, 784)``."""
+    z = loc + scale * torch.randn(num, *loc.shape, device=loc.device)
+    return _log_joint_minus_q(vae, x, z, loc, scale)
+
+
 @torch.no_grad()
 def hand_log_marginal(vae, x, K, chunk):
     """What a careful PyTorch user writes: chunked particles, a streaming float64 log-sum-exp."""
     x = x.reshape(-1, PIXELS)
     loc, scale = vae.encoder(x)
-
-    def chunks():
-        for start in range(0, K, chunk):
-            z = loc + scale * torch.randn(min(chunk, K - start), *loc.shape, device=loc.device)
-            yield _log_joint_minus_q(vae, x, z, loc, scale)
-
-    return streaming_log_mean_exp(chunks(), K)
+    chunks = (hand_chunk(vae, x, loc, scale, min(chunk, K - start)) for start in range(0, K, chunk))
+    return streaming_log_mean_exp(chunks, K)
 
 
 def streaming_log_mean_exp(chunks, K):

@@ -631,7 +631,7 @@ def log_weights(model, guide, args: tuple, kwargs: dict, structure: PairStructur
 
     :returns: :class:`LogWeights`, ``log_weights`` of shape ``(num_particles, N)``.
     """
-    chunk = min(chunk_size or max(1, PROBE_PAIRS // structure.size), num_particles)
+    chunk = first_chunk_size(structure, num_particles, chunk_size)
     device = _data_device(args, kwargs)
     with pyro.validation_enabled(False), ReusedCalls(networks):
         with _PeakMemory(device) as peak:
@@ -658,6 +658,12 @@ def log_weights(model, guide, args: tuple, kwargs: dict, structure: PairStructur
         fallback_reason=reason,
         passes=tuple(passes) if keep_traces else (),
     )
+
+
+def first_chunk_size(structure: PairStructure, num_particles: int, chunk_size: Optional[int] = None) -> int:
+    """Particles in the first chunk: ``chunk_size``, or by default about :data:`PROBE_PAIRS`
+    particle-datapoint pairs; at least 1 and at most ``num_particles``."""
+    return min(chunk_size or max(1, PROBE_PAIRS // structure.size), num_particles)
 
 
 def _without_traces(p: ParticlePass) -> ParticlePass:
