@@ -60,9 +60,11 @@ OPTIMIZERS = {
     "rmsprop": torch.optim.RMSprop,
 }
 #: with ``static_graph="auto"``, record a static graph when a call has at least this
-#: many steps to run, by device type: recording and checking cost about as much as
-#: this many eager steps of a small network (measured in benchmarks/README.md)
-STATIC_GRAPH_MIN_STEPS = {"cpu": 300, "cuda": 300}
+#: many steps to run, by device type: on the CPU recording and checking cost about as much
+#: as this many eager steps of a small network; on CUDA, where recorded steps replay as
+#: CUDA graphs, they pay for themselves after about 30 (benchmarks/static_threshold.py;
+#: figures in benchmarks/README.md)
+STATIC_GRAPH_MIN_STEPS = {"cpu": 300, "cuda": 50}
 log = logging.getLogger("pyrovae")
 #: learning-rate schedules by key, stepped once per epoch
 LR_SCHEDULES = {

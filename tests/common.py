@@ -1,5 +1,6 @@
 """Helpers shared by the tests: data location, small models with known answers."""
 
+import contextlib
 import functools
 import os
 from pathlib import Path
@@ -22,6 +23,22 @@ def _to_default_device(value):
         return torch.utils.data.TensorDataset(*_to_default_device(value.tensors))
     return value
 
+
+
+@contextlib.contextmanager
+def default_device(device):
+    """``torch.set_default_device(device)`` for the block, then the default that was there before.
+
+    Put back what was there, not the CPU: with PYROVAE_DEVICE=cuda the suite's default is
+    CUDA, and a test that reset it to the CPU sent the tests after it in the same worker
+    onto the CPU (on a GPU machine two of them then failed with networks and data on two
+    devices). A CPU default is restored as no default at all, as torch starts."""
+    before = torch.get_default_device()
+    torch.set_default_device(device)
+    try:
+        yield
+    finally:
+        torch.set_default_device(None if before.type == "cpu" else before)
 
 def seeded_data(fn):
     """Run a data helper on the CPU, then move what it returns to the suite's default device.

@@ -12,9 +12,16 @@ if DEVICE != "cpu":
 
 @pytest.fixture(autouse=True)
 def _isolate():
-    """Seed, clear Pyro's param store and enable validation for every test."""
+    """Seed, clear Pyro's param store and enable validation for every test; fail a test that
+    leaves torch's default device changed (the tests after it would run elsewhere)."""
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
+    before = torch.get_default_device()
     with pyro.validation_enabled(True):
         yield
     pyro.clear_param_store()
+    after = torch.get_default_device()
+    if after != before:
+        torch.set_default_device(None if before.type == "cpu" else before)
+        pytest.fail(f"the test left torch's default device at {after}, not {before}: restore it as it was "
+                    "(tests/common.default_device)")

@@ -9,22 +9,41 @@ do not depend on how fast the machine is. ``PYROVAE_TEST_PAUSE`` names the momen
 
 At that moment the worker prints ``PAUSED <moment>`` on stdout and waits for a
 signal: SIGKILL ends it there; after a handled signal (SIGINT, which training turns
-into a flag checked between steps) it carries on. Without the variable it runs the
-job to the end.
+into a flag checked between steps) it carries on, however soon after the announcement the
+signal comes. Without the variable it runs the job to the end.
 """
 
 import os
 import sys
 import signal
+import time
 
 import torch
 
 from pyrovae import cli
 
 
-def _pause(what):
-    print(f"PAUSED {what}", flush=True)
-    signal.pause()  # returns once a Python signal handler has run
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+
+def _pause(what, announce=print):
+    """Say where we are, then wait for a signal. A handled signal that comes at any moment after
+    the announcement, even before the wait begins, ends the wait (``signal.pause()`` after the
+    announcement would wait forever for one that came first): a handler of our own notes it,
+    the wait polls the note, and the signal is raised again under the original handler.
+    SIGKILL ends us wherever we are."""
+    got = []
+    originals = {sig: signal.getsignal(sig) for sig in HANDLED}
+    for sig in HANDLED:
+        signal.signal(sig, lambda signum, frame: got.append(signum))
+    try:
+        announce(f"PAUSED {what}", flush=True)
+        while not got:
+            time.sleep(0.01)
+    finally:
+        for sig, handler in originals.items():
+            signal.signal(sig, handler)
+    signal.raise_signal(got[0])
 
 
 def _install(moment: str) -> None:

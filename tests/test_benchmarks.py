@@ -75,3 +75,10 @@ def test_importance_chunk_runs_and_its_contenders_compute_the_same_weights():
     assert ours.shape == plain.shape == hand.shape == (5, 6)
     torch.testing.assert_close(plain.double(), ours, rtol=0, atol=1e-3)  # |log w| ~ 500: float32 ulp ~ 6e-5
     torch.testing.assert_close(hand.double(), ours, rtol=0, atol=1e-3)
+
+
+def test_static_threshold_times_both_modes_and_gives_a_break_even():
+    out = _run("static_threshold.py", "--steps", "2", "4", "--repeats", "1")
+    rows = [line.split() for line in out.splitlines() if line[:6].strip() in ("2", "4")]
+    assert len(rows) == 2 and all(len(r) == 4 for r in rows), out
+    assert "per step: eager" in out and "break-even:" in out and "first calls of the process" in out, out

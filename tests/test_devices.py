@@ -15,14 +15,23 @@ import pyrovae
 from pyrovae import distributed
 from pyrovae.distributed import check_device, resolve_device
 
+from .common import default_device
+
 
 @pytest.fixture
 def foreign_default_device():
-    torch.set_default_device("meta")
-    try:
+    with default_device("meta"):
         yield
-    finally:
-        torch.set_default_device(None)
+
+
+def test_the_default_device_a_test_changes_is_put_back_as_it_was():
+    """Not reset to the CPU: under PYROVAE_DEVICE=cuda that moved later tests off the GPU."""
+    suite_default = torch.get_default_device()
+    with default_device("meta"):
+        with default_device("cpu"):
+            assert torch.get_default_device().type == "cpu"
+        assert torch.get_default_device().type == "meta"
+    assert torch.get_default_device() == suite_default
 
 
 def test_resolver_gives_indexed_cuda_devices(monkeypatch):

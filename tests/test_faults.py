@@ -124,6 +124,27 @@ def test_ctrl_c_writes_a_checkpoint_and_says_how_to_resume(reference, tmp_path):
     _assert_same_params(reference, load_checkpoint(run_dir))
 
 
+
+PAUSE_RACE = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import pause_worker
+handled = []
+signal.signal(signal.SIGINT, lambda signum, frame: handled.append(signum))
+# the signal comes the moment the pause is announced, before the worker starts to wait
+pause_worker._pause("step:1", announce=lambda *a, **k: os.kill(os.getpid(), signal.SIGINT))
+print("RETURNED", handled == [signal.SIGINT])
+"""
+
+
+def test_a_signal_sent_the_moment_the_worker_pauses_is_not_lost():
+    """The Ctrl-C test signals the worker as soon as it reads ``PAUSED``. On a busy machine the
+    signal can arrive before the worker begins to wait; the worker must still take it (it used
+    to wait forever, and the test timed out: seen on an H100 machine under ``pytest -n 8``)."""
+    out = subprocess.run([sys.executable, "-c", PAUSE_RACE, str(WORKER.parent)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "RETURNED True", (out.returncode, out.stdout, out.stderr)
+
 WRITER = """
 import sys, torch
 from pyrovae.runs import Checkpoint, RunFolder, json_bytes

@@ -22,6 +22,8 @@ import torch
 from pyrovae import diagnostics
 from pyrovae.diagnostics import psis_khat
 
+from .common import default_device
+
 ATOL = 1e-10
 SIZES = (21, 25, 50, 100, 1000, 5000)
 
@@ -187,13 +189,9 @@ def test_special_columns():
 
 def test_result_is_float64_on_the_input_device_whatever_the_default_device():
     lw = normal(torch.Generator(device="cpu").manual_seed(7), 200, 5, 1.0)
-    default = torch.get_default_device()
-    torch.set_default_device("meta")
-    try:
+    with default_device("meta"):
         khat = psis_khat(lw.float(), tol=1e-6)
         tolerances = psis_khat(lw, tol=torch.full((5,), 1e-9, device="cpu"))
-    finally:
-        torch.set_default_device(default)
     assert khat.device.type == "cpu" and khat.dtype == torch.float64 and khat.numpy().shape == (5,)
     assert tolerances.device.type == "cpu"
     assert_matches_arviz(lw.float(), khat)
