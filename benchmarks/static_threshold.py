@@ -18,6 +18,7 @@ excess over the later calls, and gives the break-even of a process's first stati
 """
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -65,7 +66,7 @@ def main(args):
     device = resolve_device(args.device)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(max(args.steps) * BATCH, 784, generator=gen).to(device)
-    counter = iter(range(10 ** 9))
+    counter = itertools.count()
     # the process's first calls: eager first (it pays the device's own start, such as CUDA's lazy
     # kernel loading), then static (it pays what only recording needs the first time)
     first_eager, _ = one_call(x, args.steps[0], False, device, next(counter))

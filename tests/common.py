@@ -24,7 +24,6 @@ def _to_default_device(value):
     return value
 
 
-
 @contextlib.contextmanager
 def default_device(device):
     """``torch.set_default_device(device)`` for the block, then the default that was there before.
@@ -38,7 +37,13 @@ def default_device(device):
     try:
         yield
     finally:
-        torch.set_default_device(None if before.type == "cpu" else before)
+        restore_default_device(before)
+
+
+def restore_default_device(before: torch.device) -> None:
+    """Make ``before`` (from ``torch.get_default_device()``) the default device again."""
+    torch.set_default_device(None if before.type == "cpu" else before)
+
 
 def seeded_data(fn):
     """Run a data helper on the CPU, then move what it returns to the suite's default device.

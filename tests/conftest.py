@@ -4,6 +4,8 @@ import pytest
 import torch
 import pyro
 
+from .common import restore_default_device
+
 # PYROVAE_DEVICE=cuda runs the suite on a GPU (as Pyro's PYRO_DEVICE does).
 DEVICE = os.environ.get("PYROVAE_DEVICE", "cpu")
 if DEVICE != "cpu":
@@ -22,6 +24,6 @@ def _isolate():
     pyro.clear_param_store()
     after = torch.get_default_device()
     if after != before:
-        torch.set_default_device(None if before.type == "cpu" else before)
+        restore_default_device(before)
         pytest.fail(f"the test left torch's default device at {after}, not {before}: restore it as it was "
                     "(tests/common.default_device)")

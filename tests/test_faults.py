@@ -124,7 +124,6 @@ def test_ctrl_c_writes_a_checkpoint_and_says_how_to_resume(reference, tmp_path):
     _assert_same_params(reference, load_checkpoint(run_dir))
 
 
-
 PAUSE_RACE = """
 import os, signal, sys
 sys.path.insert(0, sys.argv[1])
