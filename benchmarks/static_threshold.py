@@ -38,10 +38,10 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def one_call(x, steps, static, device, i):
+def one_call(x, steps, static, device, i, hidden=400, latent=50):
     """Seconds of one whole fit call of ``steps`` steps; a fresh VAE (own param names) each time."""
     torch.manual_seed(0)
-    vae = pyrovae.VAE((784,), latent_dim=50, hidden=(400,), name=f"vae{i}",
+    vae = pyrovae.VAE((784,), latent_dim=latent, hidden=(hidden,), name=f"vae{i}",
                       likelihood_options={"allow_fractional": True}).to(device)
     data = x[:steps * BATCH]
     _sync(device)
@@ -69,14 +69,14 @@ def main(args):
     counter = itertools.count()
     # the process's first calls: eager first (it pays the device's own start, such as CUDA's lazy
     # kernel loading), then static (it pays what only recording needs the first time)
-    first_eager, _ = one_call(x, args.steps[0], False, device, next(counter))
-    first_static, _ = one_call(x, args.steps[0], True, device, next(counter))
+    first_eager, _ = one_call(x, args.steps[0], False, device, next(counter), args.hidden, args.latent)
+    first_static, _ = one_call(x, args.steps[0], True, device, next(counter), args.hidden, args.latent)
     times = {(n, s): [] for n in args.steps for s in (False, True)}
     graphs = None
     for rep in range(args.repeats):
         for n in args.steps:
             for s in ((False, True) if rep % 2 == 0 else (True, False)):
-                t, r = one_call(x, n, s, device, next(counter))
+                t, r = one_call(x, n, s, device, next(counter), args.hidden, args.latent)
                 times[(n, s)].append(t)
                 if s:
                     graphs = r.cuda_graph
@@ -84,7 +84,7 @@ def main(args):
     med = {k: statistics.median(v) for k, v in times.items()}
     a_e, b_e = line_fit(args.steps, [med[(n, False)] for n in args.steps])
     a_s, b_s = line_fit(args.steps, [med[(n, True)] for n in args.steps])
-    print(f"\nfit of the 784-400-50 VAE, batch {BATCH}, on {device} (torch threads {torch.get_num_threads()}), "
+    print(f"\nfit of the 784-{args.hidden}-{args.latent} VAE, batch {BATCH}, on {device} (torch threads {torch.get_num_threads()}), "
           f"whole calls, median of {args.repeats}; static calls {'replay CUDA graphs' if graphs else 'replay the graph'}")
     print(f"{'steps':>6s}{'eager s':>10s}{'static s':>10s}{'ratio':>8s}")
     for n in args.steps:
@@ -108,6 +108,8 @@ def parser():
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--steps", type=int, nargs="+", default=[25, 50, 100, 200, 400, 800])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--hidden", type=int, default=400, help="width of the one hidden layer")
+    p.add_argument("--latent", type=int, default=50)
     return p
 
 

@@ -60,11 +60,11 @@ OPTIMIZERS = {
     "rmsprop": torch.optim.RMSprop,
 }
 #: with ``static_graph="auto"``, record a static graph when a call has at least this
-#: many steps to run, by device type: on the CPU recording and checking cost about as much
-#: as this many eager steps of a small network; on CUDA, where recorded steps replay as
-#: CUDA graphs, they pay for themselves after about 30 (benchmarks/static_threshold.py;
-#: figures in benchmarks/README.md)
-STATIC_GRAPH_MIN_STEPS = {"cpu": 300, "cuda": 50}
+#: many steps to run, by device type (others use the CPU's): recording and checking pay for
+#: themselves after 70-135 steps on 2 CPU cores and about 30 on an H100, where recorded
+#: steps replay as CUDA graphs (benchmarks/static_threshold.py; figures in
+#: benchmarks/README.md)
+STATIC_GRAPH_MIN_STEPS = {"cpu": 150, "cuda": 50}
 log = logging.getLogger("pyrovae")
 #: learning-rate schedules by key, stepped once per epoch
 LR_SCHEDULES = {
@@ -444,7 +444,7 @@ class Trainer:
         config, state = self.config, self.state
         steps_to_run = (config.epochs - state.epoch) * self.steps_per_epoch - state.step
         kind = self.group.device.type
-        min_steps = STATIC_GRAPH_MIN_STEPS.get(kind, 300)
+        min_steps = STATIC_GRAPH_MIN_STEPS.get(kind, STATIC_GRAPH_MIN_STEPS["cpu"])
         if config.static_graph == "auto":
             if type(self.elbo) is not Trace_ELBO:
                 self.static_off = f"auto: the ELBO is {type(self.elbo).__name__}, not Trace_ELBO"
