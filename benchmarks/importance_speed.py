@@ -22,7 +22,6 @@ caching allocator's statistics on CUDA).
 
 import argparse
 import math
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from pyrovae.distributed import resolve_device
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tutorial_vae  # noqa: E402
+from timing import timed  # noqa: E402
 
 
 def hand_vectorised(vae, x, K, chunk):
@@ -76,11 +76,6 @@ def load(args):
         return torch.bernoulli(torch.full((args.images, 1, 28, 28), 0.13)), "random binary images"
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def peak_memory_child(args):
     """Prints the peak memory of one ``log_marginal`` call at K = 5000 above what the process held before
     it (the data, the network), and the number of images.
@@ -117,10 +112,6 @@ def _tensor_peak(prof) -> int:
     return peak
 
 
-def _minor_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
 def timed_pair(label, ours, hand, repeats, device):
     """Alternate ``ours()`` and ``hand()``; returns a line of the table and the median of ours.
 
@@ -131,12 +122,9 @@ def timed_pair(label, ours, hand, repeats, device):
     t_ours, t_hand, f_ours, f_hand = [], [], [], []
     for _ in range(repeats):
         for fn, times, faults in ((ours, t_ours, f_ours), (hand, t_hand, f_hand)):
-            _sync(device)
-            f, t = _minor_faults(), time.perf_counter()
-            fn()
-            _sync(device)
-            times.append(time.perf_counter() - t)
-            faults.append(_minor_faults() - f)
+            seconds, minor = timed(fn, device)
+            times.append(seconds)
+            faults.append(minor)
     return _table_line(label, t_ours, t_hand, f_ours, f_hand)
 
 
@@ -166,11 +154,7 @@ def timing_child(args):
     _, ours, hand = calls[args.pair]
     fn = ours if args.timing_child == "ours" else hand
     fn()
-    _sync(device)
-    f, t = _minor_faults(), time.perf_counter()
-    fn()
-    _sync(device)
-    print(time.perf_counter() - t, _minor_faults() - f)
+    print(*timed(fn, device))
 
 
 def timed_isolated(label, pair, args):

@@ -3,7 +3,7 @@
 With ``static_graph="auto"``, ``fit`` records the step as a static graph (and, on CUDA, replays
 it as CUDA graphs) only when the call has at least ``STATIC_GRAPH_MIN_STEPS[device type]``
 steps to run: recording and checking are a one-off cost that faster steps must pay back.
-This script times whole ``fit`` calls of the library's 784-400-50 VAE at batch 128 on
+This script times whole ``fit`` calls of the library's VAE (784-400-50 by default) at batch 128 on
 random intensities (no data files), with ``static_graph=False`` and ``True``, for several
 numbers of steps, alternating the two in one process after one warm-up call of each. A fresh
 model per call, so every static call records its graph from scratch. It fits each mode's
@@ -22,6 +22,7 @@ import itertools
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import pyro
@@ -30,12 +31,10 @@ import pyrovae
 from pyrovae.distributed import resolve_device
 from pyrovae.train import STATIC_GRAPH_MIN_STEPS
 
+sys.path.insert(0, str(Path(__file__).parent))
+from timing import sync  # noqa: E402
+
 BATCH = 128
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def one_call(x, steps, static, device, i, hidden=400, latent=50):
@@ -44,11 +43,11 @@ def one_call(x, steps, static, device, i, hidden=400, latent=50):
     vae = pyrovae.VAE((784,), latent_dim=latent, hidden=(hidden,), name=f"vae{i}",
                       likelihood_options={"allow_fractional": True}).to(device)
     data = x[:steps * BATCH]
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     r = pyrovae.fit(vae.model, vae.guide, data, epochs=1, batch_size=BATCH, lr=1e-3, seed=0, device=str(device),
                     progress=False, static_graph=static)
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - t0
     if static and not r.static_graph:
         raise SystemExit(f"static_graph=True did not replay a static graph: {r.static_graph_off}")

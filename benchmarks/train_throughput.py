@@ -42,13 +42,9 @@ from pyrovae.distributed import resolve_device
 sys.path.insert(0, str(Path(__file__).parent))
 from mnist_elbo import elbo_terms, test_elbo  # noqa: E402  (the shared plain-PyTorch reference)
 import tutorial_vae  # noqa: E402
+from timing import sync  # noqa: E402
 
 BATCH = 128
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _order(n, gen, device):
@@ -63,7 +59,7 @@ def plain_epoch(vae, opt, x, gen, terms=elbo_terms, batch_size=BATCH):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    _sync(x.device)
+    sync(x.device)
     return time.perf_counter() - t0
 
 
@@ -104,7 +100,7 @@ class GraphedPlain:
                 self.graph.replay()
             else:
                 self._step(x[idx])
-        _sync(x.device)
+        sync(x.device)
         return time.perf_counter() - t0
 
 
@@ -114,7 +110,7 @@ def svi_epoch(svi, x, gen, batch_size=BATCH):
     perm = _order(len(x), gen, x.device)
     for i in range(0, len(x), batch_size):
         svi.step(x[perm[i:i + batch_size]])
-    _sync(x.device)
+    sync(x.device)
     return time.perf_counter() - t0
 
 
@@ -180,7 +176,7 @@ def tutorial_child(args):
     splits = pyrovae.load_dataset("mnist", root=args.data_dir, binarize="none", subset=args.subset)
     x = splits.train.flatten(1).to(device)
     vae = tutorial_vae.copies([args.tutorial_child])[args.tutorial_child].to(device)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     if args.tutorial_child == "fit":
         pyrovae.fit(vae.model, vae.guide, x, epochs=args.tutorial_epochs, batch_size=BATCH, lr=1e-3, seed=0,
@@ -191,7 +187,7 @@ def tutorial_child(args):
         gen = torch.Generator().manual_seed(0)
         for _ in range(args.tutorial_epochs):
             plain_epoch(vae, opt, x, gen, terms=tutorial_vae.elbo_terms)
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - t0
     e, se = test_elbo_tutorial(vae, splits.test.flatten(1).to(device))
     print(json.dumps({"seconds": seconds, "test_elbo": e, "test_elbo_se": se}))
