@@ -12,6 +12,8 @@ weights many times in one process:
   encoder reused), at the chunk size ``log_marginal`` picks by default;
 * ``plain Pyro``: the shortest vectorised pass a Pyro user writes: a particle plate around
   ``trace(guide)`` and ``trace(replay(model))``, and ``Trace.compute_log_prob``.
+* ``replayed``: the same pass replayed from a :class:`pyrovae.tape.Tape` of it, as
+  ``log_marginal`` runs its chunks once a call has ``TAPE_MIN_CHUNKS`` of them.
 
 The medians and the median of the back-to-back ratios are printed. ``plain Pyro`` shows
 the cost of running a Pyro program once per chunk, below which no pass that runs it can go.
@@ -34,6 +36,7 @@ from pyro.poutine.util import site_is_subsample
 
 from pyrovae import weights
 from pyrovae.reuse import ReusedCalls
+from pyrovae.tape import Tape
 
 sys.path.insert(0, str(Path(__file__).parent))
 import importance_speed  # noqa: E402
@@ -60,6 +63,11 @@ def plain_pyro_pass(model, guide, x, num: int) -> torch.Tensor:
     return lw
 
 
+def _outputs(tut, x, structure, num, broadcasting):
+    p = weights.particle_pass(tut.model, tut.guide, (x,), {}, structure, num, broadcasting)
+    return [p.log_weights, p.roundoff]
+
+
 def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,11 +83,13 @@ def main(args):
         broadcasting.approve(first)
         del first
         loc, scale = tut.encoder(x)
+        _, tape = Tape.record(lambda: _outputs(tut, x, structure, num, broadcasting))
         contenders = {
             "hand": lambda: tutorial_vae.hand_chunk(tut, x, loc, scale, num),
             "pyrovae": lambda: weights.particle_pass(tut.model, tut.guide, (x,), {}, structure, num,
                                                      broadcasting).log_weights,
             "plain Pyro": lambda: plain_pyro_pass(tut.model, tut.guide, x, num),
+            "replayed": tape,
         }
         times = {name: [] for name in contenders}
         for fn in contenders.values():

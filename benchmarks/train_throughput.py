@@ -79,10 +79,13 @@ class GraphedPlain:
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         self.opt.zero_grad(set_to_none=True)
-        with torch.cuda.graph(self.graph):
-            self.loss = -terms(vae, self.static_x).sum()
-            self.loss.backward()
+        with torch.cuda.graph(self.graph, stream=side):  # the warm-up's stream: its AccumulateGrad nodes are there
+            loss = -terms(vae, self.static_x).sum()
+            loss.backward()
             self.opt.step()
+        # Keep the output, not its autograd graph: the graph would keep the parameters' AccumulateGrad
+        # nodes of the capture's stream alive, and the eager step of a last, smaller batch would meet them.
+        self.loss = loss.detach()
 
     def _step(self, xb):
         self.opt.zero_grad(set_to_none=True)

@@ -12,7 +12,7 @@ import pyro
 import torch
 
 __all__ = ["TESTED", "split_module_param_name", "trace_elbo_log_r", "get_elbo_traces", "make_fx", "is_deterministic",
-           "plate_full_size", "pack_trace", "packed_dims", "tensor_version"]
+           "plate_full_size", "pack_trace", "packed_dims", "tensor_version", "DispatchMode"]
 
 #: versions on which every helper below was checked
 TESTED = {"pyro-ppl": ("1.9.1", "1.9.2"), "torch": ("2.11", "2.13")}
@@ -20,6 +20,22 @@ TESTED = {"pyro-ppl": ("1.9.1", "1.9.2"), "torch": ("2.11", "2.13")}
 # pyro.module registers a module's parameters as "<module name>$$$<parameter path>".
 from pyro.params.param_store import module_from_param_with_module_name as _module_of  # noqa: E402
 from pyro.params.param_store import user_param_name as _user_name  # noqa: E402
+
+from torch.utils._python_dispatch import TorchDispatchMode as _TorchDispatchMode  # noqa: E402
+
+
+class DispatchMode(_TorchDispatchMode):
+    """The base class of a mode that sees every ATen operation with its arguments, for
+    :mod:`pyrovae.tape` (``torch.utils._python_dispatch.TorchDispatchMode``).
+
+    torch wraps a mode's ``__torch_dispatch__`` in ``torch._dynamo.disable`` unless the class
+    method ``_should_skip_dynamo`` says no; the wrapper imports ``torch._dynamo`` on its first
+    call, which took 2.1 s on a CPU. Nothing in a recorded chunk is compiled by Dynamo through
+    this mode, so it says no."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
 
 
 def split_module_param_name(store_name: str) -> Tuple[Optional[str], str]:

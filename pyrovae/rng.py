@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ["capture", "restore", "torch_state", "set_torch_state"]
+__all__ = ["capture", "restore", "torch_state", "set_torch_state", "same_torch_state"]
 
 
 def torch_state(device: torch.device):
@@ -26,6 +26,12 @@ def set_torch_state(state, device: torch.device) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
+
+
+def same_torch_state(a, b) -> bool:
+    """Whether two :func:`torch_state` values are the same state."""
+    return all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+               for x, y in zip(a, b))
 
 
 def capture(generator: Optional[torch.Generator] = None) -> dict:

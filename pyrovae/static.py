@@ -34,10 +34,10 @@ import pyro
 import torch
 from pyro.infer import Trace_ELBO
 from pyro.infer.util import is_identically_zero
-from torch.overrides import TorchFunctionMode
 
 from . import _compat
-from .rng import set_torch_state, torch_state
+from .rng import same_torch_state, set_torch_state, torch_state
+from .tape import NoValueReads
 
 __all__ = ["StaticStep", "loss_and_surrogate"]
 
@@ -85,28 +85,6 @@ def loss_and_surrogate(elbo: Trace_ELBO, model, guide, x: torch.Tensor) -> Tuple
         loss = loss + (-elbo_particle) / elbo.num_particles
         surrogate_loss = surrogate_loss + (-surrogate) / elbo.num_particles
     return loss, surrogate_loss
-
-
-class _ValueRead(RuntimeError):
-    pass
-
-
-class _NoValueReads(TorchFunctionMode):
-    """Refuse, while recording, any read of a tensor's value into Python.
-
-    ``make_fx`` already refuses to read the batch (a traced input), but a
-    parameter is recorded by reference and can be read silently: ``w.tolist()``
-    or ``if w.sum() > 0`` would freeze today's value into every replay, and
-    the one-batch check could not see it until the optimiser has moved ``w``.
-    """
-
-    _READS = frozenset({"item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "__complex__",
-                        "__format__"})
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", None) in self._READS:
-            raise _ValueRead(f"the program reads a tensor's value into Python (Tensor.{func.__name__})")
-        return func(*args, **(kwargs or {}))
 
 
 def _mutated_constants(graph: torch.fx.GraphModule) -> List[str]:
@@ -176,7 +154,7 @@ class StaticStep:
         )
 
     def _loss_and_grads(self, x):
-        with _NoValueReads():
+        with NoValueReads():
             loss, surrogate = loss_and_surrogate(self.elbo, self.model, self.guide, x)
         grads = torch.autograd.grad(surrogate, self.params, allow_unused=True)
         # In the parameter's memory layout, as autograd leaves a .grad: a transposed
@@ -233,9 +211,7 @@ class StaticStep:
                 self.failure = f"the recorded gradient of parameter {i} differs from eager Pyro's ({diff})"
         if self.failure is None and not torch.allclose(out[0], eager[0], rtol=1e-6, atol=1e-6):
             self.failure = f"the recorded loss {out[0].item()} differs from eager Pyro's {eager[0].item()}"
-        if self.failure is None and not all(
-            (a is None and b is None) or torch.equal(a, b) for a, b in zip(after, torch_state(x.device))
-        ):
+        if self.failure is None and not same_torch_state(after, torch_state(x.device)):
             self.failure = "the recorded step draws a different number of random numbers than eager Pyro"
         if self.failure is not None:
             set_torch_state(after, x.device)

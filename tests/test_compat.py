@@ -83,3 +83,18 @@ def test_tensor_version_counts_in_place_changes():
     v = _compat.tensor_version(t)
     t.view(3).add_(1)
     assert _compat.tensor_version(t) > v, f"Tensor._version changed under {VERSIONS}"
+
+
+def test_dispatch_mode_sees_aten_operations_without_importing_dynamo():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from pyrovae import _compat\n"
+            "class M(_compat.DispatchMode):\n"
+            "    seen = []\n"
+            "    def __torch_dispatch__(self, func, types, args=(), kwargs=None):\n"
+            "        M.seen.append(str(func)); return func(*args, **(kwargs or {}))\n"
+            "with M(): torch.ones(2).log()\n"
+            "print(M.seen[-1], 'torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["aten.log.default", "False"], f"TorchDispatchMode changed under {VERSIONS}: {out}"

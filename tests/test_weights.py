@@ -178,7 +178,7 @@ def test_chunks_are_sized_by_the_memory_a_particle_takes(monkeypatch):
     """The first chunk (PROBE_PAIRS pairs) measures a particle's footprint; the next chunks fill the
     budget; K stays exact; no chunk after the first reads a value back to the host."""
     from pyrovae import weights
-    from pyrovae.static import _NoValueReads
+    from pyrovae.tape import NoValueReads
 
     sizes = []
     real = weights.particle_pass
@@ -187,7 +187,7 @@ def test_chunks_are_sized_by_the_memory_a_particle_takes(monkeypatch):
         sizes.append(num)
         if len(sizes) == 1:
             return real(model, guide, args, kwargs, structure, num, *rest)
-        with _NoValueReads():  # a host read here would be a device synchronisation per chunk on a GPU
+        with NoValueReads():  # a host read here would be a device synchronisation per chunk on a GPU
             return real(model, guide, args, kwargs, structure, num, *rest)
 
     monkeypatch.setattr(weights, "particle_pass", recording)
