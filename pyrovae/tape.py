@@ -57,8 +57,8 @@ from . import _compat
 
 __all__ = ["Tape", "Refused", "NoValueReads", "ValueRead"]
 
-_READS = frozenset({"aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal", "aten::item",
-                    "aten::allclose"})
+# .item(), float(t), bool(t) and allclose reach the dispatcher as _local_scalar_dense or is_nonzero.
+_READS = frozenset({"aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal"})
 _LITERALS = (type(None), bool, int, float, complex, str, torch.dtype, torch.device, torch.layout,
              torch.memory_format)
 

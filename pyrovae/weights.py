@@ -685,16 +685,14 @@ class _Replayed:
     The first chunk of ``size`` is recorded (``record``). The next one runs as written and is
     replayed from the same random state; the tape is trusted only if the log weights, their
     round-off scale and the random state after it are bitwise the same. A refused recording, a
-    failed check or a failing replay turn the tape off for the call, with the reason in
-    :attr:`reason`. Either way, the log weights and the random state are those of the programs
-    run as written.
+    failed check or a failing replay turn the tape off for the call, with the reason logged.
+    Either way, the log weights and the random state are those of the programs run as written.
     """
 
     def __init__(self, run, size: int, device: torch.device, *, record: bool):
         self.run, self.size, self.device = run, size, device
         self.stage = "record" if record else "off"
         self.tape: Optional[Tape] = None
-        self.reason: Optional[str] = None if record else "too few chunks to pay for a recording"
 
     def __call__(self, num: int) -> ParticlePass:
         if num != self.size or self.stage == "off":
@@ -702,7 +700,7 @@ class _Replayed:
         return getattr(self, f"_{self.stage}")(num)
 
     def _off(self, reason: str) -> None:
-        self.stage, self.tape, self.reason = "off", None, reason
+        self.stage, self.tape = "off", None
         log.info("pyrovae: chunks of particles run as written, %s", reason)
 
     def _record(self, num: int) -> ParticlePass:
